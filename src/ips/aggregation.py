@@ -1,0 +1,182 @@
+"""Cross-attention pooling with learned queries, its selection score, positional encodings.
+
+Letters: B images, N patches (or candidates), D embedding width, H heads, T query tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of T query tokens over N patch embeddings."""
+
+    def __init__(self, *, embed_dim: int, num_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        inner = num_heads * head_dim
+        self.q_proj = nn.Linear(embed_dim, inner)
+        # a key bias adds the same logit to every patch, which softmax ignores: leave it out
+        self.k_proj = nn.Linear(embed_dim, inner, bias=False)
+        self.v_proj = nn.Linear(embed_dim, inner)
+        self.out_proj = nn.Linear(inner, embed_dim)
+
+    def _split(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, n, D_k)
+
+    def weights(self, queries: Tensor, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Attention weights, softmax over the patches.
+
+        Args:
+            queries: (B, T, D).
+            x: (B, N, D) patch embeddings.
+            mask: (B, N), True for real patches; padded patches get weight exactly 0.
+
+        Returns:
+            (B, H, T, N).
+        """
+        q = self._split(self.q_proj(queries))  # (B, H, T, D_k)
+        k = self._split(self.k_proj(x))  # (B, H, N, D_k)
+        logits = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, H, T, N)
+        if mask is not None:
+            logits = logits.masked_fill(~mask[:, None, None, :], torch.finfo(logits.dtype).min)
+        return logits.softmax(dim=-1)
+
+    def forward(
+        self, queries: Tensor, x: Tensor, mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Returns the attended values (B, T, D) and the weights (B, H, T, N)."""
+        weights = self.weights(queries, x, mask)  # (B, H, T, N)
+        v = self._split(self.v_proj(x))  # (B, H, N, D_v)
+        out = weights @ v  # (B, H, T, D_v)
+        out = out.transpose(1, 2).flatten(2)  # (B, T, H * D_v)
+        return self.out_proj(out), weights
+
+
+class CrossAttentionPool(nn.Module):
+    """Pools N patch embeddings into T task embeddings (one learned query per task).
+
+    ``attention -> dropout -> + query -> LayerNorm -> MLP -> dropout -> + -> LayerNorm``.
+    """
+
+    def __init__(
+        self,
+        *,
+        embed_dim: int,
+        num_heads: int = 8,
+        head_dim: int = 64,
+        mlp_dim: int = 2048,
+        num_queries: int = 1,
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(num_queries, embed_dim))  # (T, D)
+        self.attn = CrossAttention(embed_dim=embed_dim, num_heads=num_heads, head_dim=head_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(embed_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(embed_dim, mlp_dim),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(mlp_dim, embed_dim),
+        )
+        self.norm2 = nn.LayerNorm(embed_dim)
+
+    def _queries(self, batch: int) -> Tensor:
+        return self.queries.unsqueeze(0).expand(batch, -1, -1)  # (B, T, D)
+
+    def scores(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Selection score of every patch: attention averaged over heads, then queries.
+
+        Args:
+            x: (B, N, D) embeddings (positional encoding already added).
+            mask: (B, N), True for real patches.
+
+        Returns:
+            (B, N); padded patches score 0.
+        """
+        # in float32 even under autocast: reduced precision makes near-equal scores tie, and
+        # ties among many candidates turn the top-M choice into a lottery
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            weights = self.attn.weights(self._queries(x.shape[0]).float(), x.float(), mask)
+        return weights.mean(dim=1).mean(dim=1)  # (B, H, T, N) -> (B, N)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Pool.
+
+        Args:
+            x: (B, N, D).
+            mask: (B, N), True for real patches.
+
+        Returns:
+            pooled (B, T, D) and attention weights (B, H, T, N).
+        """
+        queries = self._queries(x.shape[0])  # (B, T, D)
+        attended, weights = self.attn(queries, x, mask)  # (B, T, D), (B, H, T, N)
+        h = self.norm1(queries + self.dropout(attended))
+        h = self.norm2(h + self.dropout(self.mlp(h)))
+        return h, weights
+
+
+def _frequencies(dim: int, device: torch.device) -> Tensor:
+    return torch.exp(torch.arange(0, dim, 2, device=device) * (-math.log(10000.0) / dim))
+
+
+def sinusoidal_1d(positions: Tensor, dim: int) -> Tensor:
+    """Fixed sinusoidal encoding of integer positions.
+
+    Args:
+        positions: (...) integer positions, e.g. raster patch indices.
+        dim: even width D.
+
+    Returns:
+        (..., D) float32, sin on even and cos on odd channels.
+    """
+    if dim % 2:
+        raise ValueError(f"a 1-D sinusoidal encoding needs an even width, got {dim}")
+    angles = positions.float().unsqueeze(-1) * _frequencies(dim, positions.device)  # (..., D/2)
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)
+
+
+def sinusoidal_2d(rows: Tensor, cols: Tensor, dim: int) -> Tensor:
+    """Fixed 2-D encoding: half the channels encode the row, half the column.
+
+    Args:
+        rows, cols: (...) integer grid positions.
+        dim: width D, a multiple of 4.
+
+    Returns:
+        (..., D).
+    """
+    if dim % 4:
+        raise ValueError(f"a 2-D sinusoidal encoding needs a width divisible by 4, got {dim}")
+    return torch.cat([sinusoidal_1d(rows, dim // 2), sinusoidal_1d(cols, dim // 2)], dim=-1)
+
+
+def masked_mean_entropy(weights: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Entropy (nats) of attention distributions, averaged over heads and queries.
+
+    Args:
+        weights: (B, H, T, N) softmax weights.
+        mask: (B, N).
+
+    Returns:
+        (B,).
+    """
+    plogp = weights * torch.log(weights.clamp_min(1e-12))
+    if mask is not None:
+        plogp = plogp * mask[:, None, None, :]
+    return -plogp.sum(-1).mean(dim=(1, 2))
+
+
+__all__ = [
+    "CrossAttention",
+    "CrossAttentionPool",
+    "masked_mean_entropy",
+    "sinusoidal_1d",
+    "sinusoidal_2d",
+]

@@ -1,0 +1,180 @@
+"""Patch encoders: one patch (or one precomputed feature vector) in, one D-vector out.
+
+Builders are registered by name and take only architecture arguments::
+
+    encoder = create_encoder("resnet18_2blocks", in_channels=1, embed_dim=128)
+    encoder(torch.rand(8, 1, 50, 50)).shape  # (8, 128)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+EncoderBuilder = Callable[..., nn.Module]
+_ENCODERS: dict[str, EncoderBuilder] = {}
+
+
+def register_encoder(name: str) -> Callable[[EncoderBuilder], EncoderBuilder]:
+    """Register a builder ``fn(*, in_channels, embed_dim, pretrained, feature_dim) -> module``.
+
+    The module maps (n, C, P, P) patches, or (n, F) features, to (n, embed_dim).
+    """
+
+    def wrap(fn: EncoderBuilder) -> EncoderBuilder:
+        if name in _ENCODERS:
+            raise ValueError(f"an encoder named {name!r} is already registered")
+        _ENCODERS[name] = fn
+        return fn
+
+    return wrap
+
+
+def list_encoders() -> list[str]:
+    """Names of the registered encoders."""
+    return sorted(_ENCODERS)
+
+
+def create_encoder(
+    name: str,
+    *,
+    in_channels: int = 3,
+    embed_dim: int = 512,
+    pretrained: bool | str = False,
+    feature_dim: int | None = None,
+) -> nn.Module:
+    """Build a registered patch encoder.
+
+    Args:
+        name: one of ``list_encoders()``.
+        in_channels: C of pixel patches.
+        embed_dim: D, the output width (a linear projection is added if the trunk differs).
+        pretrained: False, True (torchvision's ImageNet weights, downloaded once), or the path
+            of a local state dict for the trunk.
+        feature_dim: F, input width of the ``features`` encoder.
+    """
+    if name not in _ENCODERS:
+        raise ValueError(
+            f"model.encoder: unknown encoder {name!r}; expected one of {list_encoders()}"
+        )
+    return _ENCODERS[name](
+        in_channels=in_channels, embed_dim=embed_dim, pretrained=pretrained, feature_dim=feature_dim
+    )
+
+
+class ResNetTrunk(nn.Module):
+    """The first stages of a torchvision ResNet, global average pooling, optional projection.
+
+    Input (n, C, P, P), output (n, D).
+    """
+
+    def __init__(self, resnet: nn.Module, *, blocks: int, out_width: int, embed_dim: int):
+        super().__init__()
+        layers = ["layer1", "layer2", "layer3", "layer4"][:blocks]
+        self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
+        self.stages = nn.Sequential(*(getattr(resnet, name) for name in layers))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.proj = nn.Linear(out_width, embed_dim) if out_width != embed_dim else nn.Identity()
+        self.out_dim = embed_dim
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(n, C, P, P) -> (n, width, h, w) feature maps."""
+        return self.stages(self.stem(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(self.pool(self.forward_features(x)).flatten(1))
+
+
+class FeatureProjector(nn.Module):
+    """Projects precomputed patch features: LayerNorm (no affine) -> Linear -> BatchNorm -> ReLU.
+
+    Input (n, F), output (n, D).
+    """
+
+    def __init__(self, *, feature_dim: int, embed_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(feature_dim, elementwise_affine=False)
+        self.proj = nn.Linear(feature_dim, embed_dim)
+        self.bn = nn.BatchNorm1d(embed_dim)
+        self.act = nn.ReLU()
+        self.out_dim = embed_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 2:
+            raise ValueError(f"features must be (n, F), got {tuple(x.shape)}")
+        return self.act(self.bn(self.proj(self.norm(x))))
+
+
+def _load_state_dict(path: str) -> dict[str, Tensor]:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"model.pretrained: weights file {file} not found")
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"model.pretrained: {file} does not hold a state dict")
+    return state
+
+
+def _resnet(arch: str, *, blocks: int, in_channels: int, embed_dim: int, pretrained: bool | str):
+    import torchvision
+
+    builder = getattr(torchvision.models, arch)
+    if pretrained is True:
+        weights = torchvision.models.get_model_weights(builder).DEFAULT
+        resnet = builder(weights=weights)  # downloads once into the torch hub cache
+    else:
+        resnet = builder(weights=None)
+        if pretrained:
+            state = _load_state_dict(str(pretrained))
+            missing, unexpected = resnet.load_state_dict(state, strict=False)
+            wanted = [k for k in missing if not k.startswith("fc.")]
+            if wanted:
+                raise ValueError(
+                    f"model.pretrained: {pretrained} lacks {len(wanted)} {arch} weights "
+                    f"(e.g. {wanted[0]!r})"
+                )
+            if unexpected:
+                log.warning("ignored %d unexpected weights in %s", len(unexpected), pretrained)
+    if in_channels != 3:
+        old = resnet.conv1
+        conv = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        if pretrained:  # keep the learned filters: average over RGB, repeat per channel
+            with torch.no_grad():
+                conv.weight.copy_(old.weight.mean(1, keepdim=True).repeat(1, in_channels, 1, 1))
+        resnet.conv1 = conv
+    width = {("resnet18", 2): 128, ("resnet18", 4): 512, ("resnet50", 2): 512}
+    out_width = width.get((arch, blocks), 2048)
+    return ResNetTrunk(resnet, blocks=blocks, out_width=out_width, embed_dim=embed_dim)
+
+
+def _register_resnet(arch: str, blocks: int) -> None:
+    @register_encoder(f"{arch}_{blocks}blocks")
+    def build(
+        *, in_channels: int, embed_dim: int, pretrained: bool | str = False, **_
+    ) -> nn.Module:
+        return _resnet(
+            arch, blocks=blocks, in_channels=in_channels, embed_dim=embed_dim, pretrained=pretrained
+        )
+
+    build.__doc__ = f"torchvision {arch}, first {blocks} stages, average pooled."
+
+
+for _arch in ("resnet18", "resnet50"):
+    for _blocks in (2, 4):
+        _register_resnet(_arch, _blocks)
+
+
+@register_encoder("features")
+def _features(*, embed_dim: int, feature_dim: int | None = None, **_) -> nn.Module:
+    """Precomputed features (n, F) through the feature projector."""
+    if feature_dim is None:
+        raise ValueError("model.feature_dim: the features encoder needs the feature width F")
+    return FeatureProjector(feature_dim=feature_dim, embed_dim=embed_dim)

@@ -1,0 +1,393 @@
+"""IPSModel: select (no gradients) -> encode the kept patches -> pool -> task heads.
+
+Letters: B images, N patches, M memory size, I chunk size, K = min(M, N) kept patches,
+D embedding width, H heads, T query tokens (one per task).
+
+Loading modes (``selection.loading``):
+    eager: the whole batch is moved to the model's device first.
+    eager_sequential: one image at a time is moved and selected; the selections are stacked,
+        then one forward/backward runs over the batch.
+    lazy: patches stay where they are (host memory or disk); only the first M and then each
+        chunk of I are read and moved, and the K selected patches are read again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ips.aggregation import CrossAttentionPool, sinusoidal_1d, sinusoidal_2d
+from ips.config import (
+    Config,
+    ModelConfig,
+    SelectionConfig,
+    config_from_dict,
+    config_to_dict,
+    replace_fields,
+)
+from ips.encoders import FeatureProjector, create_encoder
+from ips.heads import TaskHeads
+from ips.selection import (
+    PatchStore,
+    Selection,
+    embed_valid,
+    eval_mode,
+    gather_patches,
+    select_patches,
+)
+
+CHECKPOINT_FORMAT = "ips-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class IPSOutput(NamedTuple):
+    """What a forward pass produces; the same fields every time.
+
+    logits: task name -> logits ((B, classes), or (B,) for binary tasks).
+    attention: (B, T, K) attention of each task's query on the kept patches, mean over heads.
+    selected: (B, K) original indices of the kept patches, best selection score first.
+    scores: (B, K) selection scores of the kept patches.
+    mask: (B, K) True for real patches (False only where an image has fewer than K).
+    """
+
+    logits: dict[str, Tensor]
+    attention: Tensor
+    selected: Tensor
+    scores: Tensor
+    mask: Tensor
+
+
+class IPSModel(nn.Module):
+    """Iterative Patch Selection model.
+
+    Args:
+        model: architecture (encoder, pooling, heads).
+        selection: memory size M, chunk size I, loading mode.
+    """
+
+    def __init__(self, model: ModelConfig, selection: SelectionConfig | None = None):
+        super().__init__()
+        self.model_config = model
+        self.selection_config = selection or SelectionConfig()
+        self.encoder = create_encoder(
+            model.encoder,
+            in_channels=model.in_channels,
+            embed_dim=model.embed_dim,
+            pretrained=model.pretrained,
+            feature_dim=model.feature_dim,
+        )
+        self.pool = CrossAttentionPool(
+            embed_dim=model.embed_dim,
+            num_heads=model.num_heads,
+            head_dim=model.head_dim,
+            mlp_dim=model.mlp_dim,
+            num_queries=model.queries,
+            dropout=model.dropout,
+        )
+        self.heads = TaskHeads(model.tasks, embed_dim=model.embed_dim)
+        self.is_features = isinstance(self.encoder, FeatureProjector)
+        for key in ("normalize_mean", "normalize_std"):
+            value = getattr(model, key)
+            buffer = None if value is None else torch.tensor(value).view(1, -1, 1, 1)
+            self.register_buffer(key, buffer, persistent=False)
+        if model.channels_last and not self.is_features:
+            self.encoder.to(memory_format=torch.channels_last)
+
+    @property
+    def config(self) -> Config:
+        """Model and selection settings as a Config (data and train at their defaults)."""
+        return Config(model=self.model_config, selection=self.selection_config)
+
+    @property
+    def tasks(self):
+        return self.model_config.tasks
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # ---- stages ---------------------------------------------------------------------------
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Encode patches. uint8 pixels are scaled to [0, 1] and normalised; float input is
+        taken as prepared.
+
+        Args:
+            x: (n, C, P, P) pixel patches, or (n, F) features.
+
+        Returns:
+            (n, D).
+        """
+        cfg = self.model_config
+        if self.is_features:
+            if x.dim() != 2 or x.shape[1] != cfg.feature_dim:
+                raise ValueError(
+                    f"features must be (n, F={cfg.feature_dim}) per patch, got {tuple(x.shape)}"
+                )
+            return self.encoder(x.float())
+        if x.dim() != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(
+                f"patches must be (n, C={cfg.in_channels}, P, P) per patch, got {tuple(x.shape)}"
+            )
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
+            if self.normalize_mean is not None:
+                x = (x - self.normalize_mean) / self.normalize_std
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.encoder(x)
+
+    def positional(self, ids: Tensor, positions: Tensor | None) -> Tensor | None:
+        """Positional encodings (B, K, D) of patches, or None when the model uses none.
+
+        Args:
+            ids: (B, K) original raster indices.
+            positions: (B, K, 2) (row, col) grid positions, needed for "2d".
+        """
+        kind, dim = self.model_config.pos_enc, self.model_config.embed_dim
+        if kind == "1d":
+            return sinusoidal_1d(ids, dim)
+        if kind == "2d":
+            if positions is None:
+                raise ValueError("model.pos_enc '2d' needs grid positions: pass grid_shape")
+            return sinusoidal_2d(positions[..., 0], positions[..., 1], dim)
+        return None
+
+    def forward_head(self, pooled: Tensor) -> dict[str, Tensor]:
+        """(B, T, D) task tokens -> logits per task."""
+        return self.heads(pooled)
+
+    # ---- selection ------------------------------------------------------------------------
+
+    def select(
+        self,
+        patches: Tensor | Sequence[Any],
+        mask: Tensor | None = None,
+        *,
+        grid_shape: tuple[int, int] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Selection:
+        """Choose the K = min(M, N) best patches per image, without gradients, with every
+        module in eval mode (previous modes restored afterwards).
+
+        Args:
+            patches: (B, N, ...) tensor or a sequence of B per-image containers.
+            mask: (B, N) True for real patches of a padded tensor.
+            grid_shape: (rows, cols) of the patch grid, for 2-D positional encodings.
+            generator: random generator for the visiting order.
+
+        Returns:
+            Selection(ids, scores, mask), each (B, K).
+        """
+        sel = self.selection_config
+        device = self.device
+        patches, mask = self._place(patches, mask, device, sel.loading == "eager")
+
+        def score(emb: Tensor, ids: Tensor, valid: Tensor) -> Tensor:
+            pos = self.positional(ids, _grid_positions(ids, grid_shape, patches))
+            return self.pool.scores(emb if pos is None else emb + pos.to(emb.dtype), valid)
+
+        def run(images: Tensor | Sequence[Any], image_mask: Tensor | None) -> Selection:
+            return select_patches(
+                images,
+                encode=self.embed,
+                score=score,
+                memory_size=sel.memory_size,
+                chunk_size=sel.chunk_size,
+                mask=image_mask,
+                device=device,
+                encoder_batch_size=sel.encoder_batch_size,
+                dedup=sel.dedup,
+                shuffle=sel.shuffle,
+                generator=generator,
+            )
+
+        with torch.inference_mode(), eval_mode(self):
+            if sel.loading != "eager_sequential":
+                result = run(patches, mask)
+            else:
+                parts = []
+                for b in range(len(patches)):
+                    image = patches[b : b + 1] if isinstance(patches, Tensor) else [patches[b]]
+                    if isinstance(image, Tensor):
+                        image = image.to(device)
+                    parts.append(run(image, None if mask is None else mask[b : b + 1]))
+                result = _stack_selections(parts)
+        return Selection(*(t.clone() for t in result))  # ordinary tensors, not inference ones
+
+    # ---- forward --------------------------------------------------------------------------
+
+    def forward(
+        self,
+        patches: Tensor | Sequence[Any],
+        mask: Tensor | None = None,
+        *,
+        grid_shape: tuple[int, int] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> IPSOutput:
+        """Select, then encode the kept patches with gradients, pool and classify.
+
+        Args:
+            patches: (B, N, C, P, P) pixels or (B, N, F) features, as a tensor on any device
+                or a sequence of B per-image containers (possibly of different N).
+            mask: (B, N), True for real patches of a padded tensor; padded patches are never
+                selected, never attended to and change no logit.
+            grid_shape: (rows, cols), for 2-D positional encodings over a tensor batch.
+            generator: random generator for the selection order.
+
+        Returns:
+            IPSOutput.
+        """
+        device = self.device
+        store = PatchStore(patches, mask)
+        M = self.selection_config.memory_size
+        if store.num_patches <= M:  # nothing to select: use every patch
+            ids = torch.arange(store.num_patches).expand(store.batch_size, -1)
+            selection = Selection(ids, torch.zeros(ids.shape), store.valid(ids))
+        else:
+            selection = self.select(patches, mask, grid_shape=grid_shape, generator=generator)
+        raw = gather_patches(patches, selection, mask=mask, device=device)  # (n_valid, ...)
+        valid = selection.mask.to(device)
+        emb = embed_valid(self.embed, raw, selection.mask)  # (B, K, D), with gradients
+        ids = selection.ids.to(device)
+        pos = self.positional(ids, _grid_positions(ids, grid_shape, patches))
+        if pos is not None:
+            emb = emb + pos.to(emb.dtype)
+        pooled, weights = self.pool(emb, valid)  # (B, T, D), (B, H, T, K)
+        logits = self.forward_head(pooled)
+        attention = weights.mean(1)  # (B, T, K)
+        scores = selection.scores.to(device)
+        if store.num_patches <= M:  # no selection pass ran: report the pooling attention
+            scores = attention.detach().mean(1).float()
+        return IPSOutput(logits, attention, selection.ids, scores, selection.mask)
+
+    @staticmethod
+    def _place(
+        patches: Tensor | Sequence[Any], mask: Tensor | None, device: torch.device, eager: bool
+    ) -> tuple[Tensor | Sequence[Any], Tensor | None]:
+        if not eager:
+            return patches, mask
+        if isinstance(patches, Tensor):
+            return patches.to(device), mask
+        return [p.to(device) if isinstance(p, Tensor) else p for p in patches], mask
+
+
+def _grid_positions(
+    ids: Tensor, grid_shape: tuple[int, int] | None, patches: Tensor | Sequence[Any]
+) -> Tensor | None:
+    """(B, K, 2) (row, col) of raster ids, from grid_shape or from the containers."""
+    if grid_shape is not None:
+        cols = grid_shape[1]
+        return torch.stack([ids // cols, ids % cols], dim=-1)
+    if not isinstance(patches, Tensor) and all(hasattr(p, "positions") for p in patches):
+        rows = [
+            torch.as_tensor(p.positions(i.clamp_max(len(p) - 1).cpu().numpy()))
+            for p, i in zip(patches, ids, strict=True)
+        ]
+        return torch.stack(rows).to(ids.device)
+    return None
+
+
+def _stack_selections(parts: Sequence[Selection]) -> Selection:
+    """Stack per-image selections, padding to the largest K with mask False."""
+    k = max(p.ids.shape[1] for p in parts)
+
+    def pad(t: Tensor, value: float) -> Tensor:
+        return torch.nn.functional.pad(t, (0, k - t.shape[1]), value=value)
+
+    return Selection(
+        torch.cat([pad(p.ids, 0) for p in parts]),
+        torch.cat([pad(p.scores, 0.0) for p in parts]),
+        torch.cat([pad(p.mask, False) for p in parts]),
+    )
+
+
+# ---- building, saving, loading ------------------------------------------------------------
+
+
+def create_model(config: Config | None = None, **overrides: Any) -> IPSModel:
+    """Build an IPSModel from a Config and/or word-named overrides.
+
+    ``create_model(memory_size=100, chunk_size=100, embed_dim=128, num_heads=8,
+    in_channels=1, patch_size=50, encoder="resnet18_2blocks",
+    tasks={"majority": {"kind": "multiclass", "num_classes": 10}})``
+    """
+    config = replace_fields(config or Config(), **overrides)
+    return IPSModel(config.model, config.selection)
+
+
+def save_checkpoint(
+    path: str | os.PathLike, model: nn.Module, config: Config, **state: Any
+) -> Path:
+    """Write a checkpoint atomically (temp file in the same folder, then rename).
+
+    The checkpoint holds only plain data and tensors: the config as nested dicts, the model's
+    state dict, and ``state`` (optimizer state, epoch, ...), so it loads with
+    ``torch.load(weights_only=True)``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "config": config_to_dict(config),
+        "model": model.state_dict(),
+        **state,
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a checkpoint as data (``weights_only=True``: it never runs code from the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # unpickling errors carry long messages; keep the first line
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: not a loadable ips checkpoint ({reason})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not an ips checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
+    return payload
+
+
+def load_model(path: str | os.PathLike, *, map_location: Any = "cpu", **overrides: Any) -> IPSModel:
+    """Rebuild a model from a checkpoint, which carries its config.
+
+    ``overrides`` change selection settings for inference (e.g. ``memory_size``,
+    ``chunk_size``, ``loading``); model fields that would change the weights' shapes fail.
+    """
+    payload = load_checkpoint(path, map_location)
+    try:
+        config = config_from_dict(payload["config"])
+    except ValueError as err:
+        raise ValueError(f"{path}: incompatible checkpoint config ({err})") from None
+    config = replace_fields(config, **overrides)
+    model = IPSModel(dataclasses.replace(config.model, pretrained=False), config.selection)
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ValueError(f"{path}: weights do not fit the stored config ({first})") from None
+    if isinstance(map_location, (str, torch.device)):
+        model = model.to(map_location)
+    return model

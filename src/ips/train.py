@@ -1,0 +1,564 @@
+"""The training recipe: AdamW, linear warm-up then cosine decay, checkpoints, logs.
+
+``fit(config, run_dir)`` trains and evaluates every epoch, writes ``last.pt`` and ``best.pt``
+(atomically), ``metrics.csv``, TensorBoard events and the resolved ``config.yaml`` into
+``run_dir``, and resumes exactly where it stopped with ``resume=True`` (at an epoch boundary:
+data order, selection order and dropout are seeded per epoch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from ips.aggregation import masked_mean_entropy
+from ips.config import Config, TrainConfig, config_from_dict, save_config
+from ips.data.collate import collate_patches
+from ips.data.registry import build_dataset
+from ips.heads import compute_loss, predictions, probabilities
+from ips.model import IPSModel, load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+MAIN_METRIC = "val_main"
+
+
+# ---- optimisation ---------------------------------------------------------------------------
+
+
+def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Split parameters into decayed and not decayed.
+
+    ``cfg.no_decay`` entries: "norm" matches parameters of normalisation layers, "bias" any
+    bias, other strings any parameter whose name contains them (e.g. "queries").
+    """
+    norm_types = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+    norm_params = {
+        id(p) for m in model.modules() if isinstance(m, norm_types) for p in m.parameters(False)
+    }
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        skip = any(
+            (rule == "norm" and id(param) in norm_params)
+            or (rule == "bias" and name.endswith("bias"))
+            or (rule not in ("norm", "bias") and rule in name)
+            for rule in cfg.no_decay
+        )
+        (no_decay if skip else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Linear warm-up from 1/warmup_steps to 1, then cosine decay to ``min_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the parameter groups and a per-step warm-up + cosine schedule."""
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr)
+    total = cfg.epochs * steps_per_epoch
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        return lr_factor(step, warmup_steps=warmup, total_steps=total, min_ratio=cfg.min_lr_ratio)
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """Autocast context for ``train.amp`` ("none", "bf16", "fp16")."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("train.amp: fp16 needs a CUDA device; use bf16 on CPU")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ---- metrics --------------------------------------------------------------------------------
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with average ranks for ties); NaN if a class
+    is absent."""
+    labels = labels.astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    i = 0
+    while i < len(scores):  # average ranks over ties
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+class MetricTracker:
+    """Accumulates logits and targets over an epoch and reports per-task metrics."""
+
+    def __init__(self, tasks):
+        self.tasks = tasks
+        self.logits: dict[str, list[Tensor]] = {t.name: [] for t in tasks}
+        self.targets: dict[str, list[Tensor]] = {t.name: [] for t in tasks}
+        self.losses: list[float] = []
+        self.sizes: list[int] = []
+        self.extra: dict[str, list[float]] = {}
+
+    def update(self, logits: Mapping[str, Tensor], targets: Mapping[str, Tensor], loss: float):
+        for t in self.tasks:
+            self.logits[t.name].append(logits[t.name].detach().float().cpu())
+            self.targets[t.name].append(targets[t.name].detach().cpu())
+        size = len(next(iter(targets.values())))
+        self.losses.append(loss * size)
+        self.sizes.append(size)
+
+    def add(self, name: str, values: Iterable[float]) -> None:
+        self.extra.setdefault(name, []).extend(float(v) for v in values)
+
+    def compute(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self.sizes:
+            out["loss"] = sum(self.losses) / sum(self.sizes)
+        for task in self.tasks:
+            if not self.logits[task.name]:
+                continue
+            logits = torch.cat(self.logits[task.name])
+            target = torch.cat(self.targets[task.name])
+            pred = predictions(logits, task)
+            if task.kind == "multiclass":
+                out[f"{task.name}/accuracy"] = (pred == target.long()).float().mean().item()
+            elif task.kind == "multilabel":
+                hits = pred == target.long()
+                out[f"{task.name}/exact_match"] = hits.all(1).float().mean().item()
+                out[f"{task.name}/label_accuracy"] = hits.float().mean().item()
+            else:
+                prob = probabilities(logits, task).numpy()
+                out[f"{task.name}/auc"] = roc_auc(prob, target.numpy())
+                out[f"{task.name}/accuracy"] = (pred == target.long()).float().mean().item()
+        for name, values in self.extra.items():
+            out[name] = float(np.mean(values)) if values else float("nan")
+        return out
+
+
+def main_metric(metrics: Mapping[str, float], tasks) -> float:
+    """The number that picks the best checkpoint: mean of each task's headline metric."""
+    keys = {"multiclass": "accuracy", "multilabel": "exact_match", "binary": "auc"}
+    values = [metrics.get(f"{t.name}/{keys[t.kind]}", float("nan")) for t in tasks]
+    values = [v for v in values if not math.isnan(v)]
+    return float(np.mean(values)) if values else -metrics.get("loss", float("inf"))
+
+
+def selection_diagnostics(
+    dataset: Dataset, index: Tensor, selected: Tensor, mask: Tensor, attention: Tensor
+) -> dict[str, list[float]]:
+    """Per-image signals that catch selection collapse.
+
+    ``foreground_share``: share of the kept patches that hold an object (datasets that know,
+    e.g. Megapixel MNIST); ``attention_entropy``: entropy of the pooling attention over the
+    kept patches, as a fraction of its maximum log(K) (1 = uniform, 0 = one patch).
+    """
+    out: dict[str, list[float]] = {}
+    weights = attention.detach().float().unsqueeze(1)  # (B, 1, T, K)
+    entropy = masked_mean_entropy(weights, mask.to(weights.device)).cpu()
+    k = mask.sum(1).clamp_min(2).float()
+    out["attention_entropy"] = (entropy / k.log()).tolist()
+    foreground = getattr(dataset, "foreground_patches", None)
+    if foreground is not None:
+        shares = []
+        for b, i in enumerate(index.tolist()):
+            fg = torch.from_numpy(np.asarray(foreground(i)))
+            ids = selected[b][mask[b]]
+            shares.append(fg[ids].float().mean().item() if len(ids) else 0.0)
+        out["foreground_share"] = shares
+    return out
+
+
+# ---- loops ----------------------------------------------------------------------------------
+
+
+def _forward(model: IPSModel, batch: Mapping[str, Any], device, generator, amp: str):
+    targets = {k: v.to(device) for k, v in batch["targets"].items()}
+    grid = getattr(model, "grid_shape", None)
+    with autocast(device, amp):
+        out = model(batch["patches"], batch["mask"], grid_shape=grid, generator=generator)
+    loss, _ = compute_loss(out.logits, targets, model.tasks)
+    return out, loss, targets
+
+
+def train_one_epoch(
+    model: IPSModel,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    cfg: TrainConfig,
+    *,
+    device: torch.device,
+    generator: torch.Generator,
+    scaler: torch.amp.GradScaler | None = None,
+    progress: Callable[[Iterable], Iterable] | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, float]:
+    """One pass over ``loader``; returns the epoch's training metrics."""
+    model.train()
+    tracker = MetricTracker(model.tasks)
+    dataset = loader.dataset
+    start, seen = time.perf_counter(), 0
+    batches = progress(loader) if progress else loader
+    for batch in batches:
+        out, loss, targets = _forward(model, batch, device, generator, cfg.amp)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"the training loss became {loss.item()} at step {scheduler.last_epoch}; "
+                "the last good checkpoint is kept (lower train.lr or set train.grad_clip)"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        tracker.update(out.logits, targets, loss.item())
+        for name, values in selection_diagnostics(
+            dataset, batch["index"], out.selected, out.mask, out.attention
+        ).items():
+            tracker.add(name, values)
+        seen += len(batch["index"])
+        rate = seen / max(time.perf_counter() - start, 1e-9)
+        stats = {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"], "img/s": rate}
+        if hasattr(batches, "set_postfix"):
+            batches.set_postfix({k: f"{v:.3g}" for k, v in stats.items()})
+        if on_step is not None:
+            on_step(scheduler.last_epoch, stats)
+    metrics = tracker.compute()
+    metrics["images_per_second"] = seen / max(time.perf_counter() - start, 1e-9)
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(
+    model: IPSModel,
+    loader: DataLoader,
+    *,
+    device: torch.device,
+    amp: str = "none",
+    seed: int = 0,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> dict[str, float]:
+    """Metrics per task (accuracy, exact match and label accuracy, AUC), the loss, and the
+    selection diagnostics, with the model in eval mode and a fixed selection seed."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    tracker = MetricTracker(model.tasks)
+    try:
+        for batch in progress(loader) if progress else loader:
+            out, loss, targets = _forward(model, batch, device, generator, amp)
+            tracker.update(out.logits, targets, loss.item())
+            for name, values in selection_diagnostics(
+                loader.dataset, batch["index"], out.selected, out.mask, out.attention
+            ).items():
+                tracker.add(name, values)
+    finally:
+        model.train(was_training)
+    return tracker.compute()
+
+
+# ---- logging --------------------------------------------------------------------------------
+
+
+class RunLogger:
+    """metrics.csv (one row per epoch, columns grow as needed) and TensorBoard events."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.path = run_dir / "metrics.csv"
+        self.enabled = enabled
+        self.writer = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                log.warning("TensorBoard logs are off: pip install tensorboard")
+
+    def step(self, step: int, stats: Mapping[str, float]) -> None:
+        if self.writer is not None:
+            for key, value in stats.items():
+                self.writer.add_scalar(f"step/{key.replace('/', '_')}", value, step)
+
+    def epoch(self, row: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        rows = []
+        if self.path.exists():
+            with self.path.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+        rows = [r for r in rows if int(r["epoch"]) < int(row["epoch"])]  # resumed: drop reruns
+        rows.append({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".metrics.", suffix=".csv")
+        with os.fdopen(fd, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.path)
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, int(row["epoch"]))
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+# ---- fit ------------------------------------------------------------------------------------
+
+
+def make_loader(
+    dataset: Dataset, config: Config, *, shuffle: bool, epoch: int = 0, batch_size=None
+) -> DataLoader:
+    """A loader whose shuffling is seeded by (seed, epoch), so a resumed epoch sees the same
+    order."""
+    generator = torch.Generator().manual_seed(config.train.seed * 100_003 + epoch)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size or config.train.batch_size,
+        shuffle=shuffle,
+        generator=generator if shuffle else None,
+        num_workers=config.data.num_workers,
+        collate_fn=collate_patches,
+        persistent_workers=False,
+    )
+
+
+def _seed_epoch(seed: int, epoch: int) -> torch.Generator:
+    torch.manual_seed(seed * 1_000_003 + epoch)  # dropout and anything else drawing globally
+    return torch.Generator().manual_seed(seed * 7_919 + epoch)  # selection order
+
+
+def fit(
+    config: Config,
+    run_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    max_epochs: int | None = None,
+) -> dict[str, Any]:
+    """Train ``config`` into ``run_dir``; return a summary with the best and last metrics.
+
+    Args:
+        config: the run's configuration (data, model, selection, train).
+        run_dir: output folder (created).
+        resume: continue from ``run_dir/last.pt`` (its stored config wins over ``config``
+            except for ``train.epochs``).
+        device: where the model runs.
+        progress: show tqdm progress bars.
+        max_epochs: stop after this many epochs in this call (for time-boxed runs); the
+            schedule still follows ``train.epochs``.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    state: dict[str, Any] | None = None
+    if resume:
+        last = run_dir / "last.pt"
+        if not last.is_file():
+            raise FileNotFoundError(f"{last}: nothing to resume (no last checkpoint)")
+        state = load_checkpoint(last)
+        stored = config_from_dict(state["config"])
+        config = Config(
+            model=stored.model,
+            selection=stored.selection,
+            data=stored.data,
+            train=config.train if config.train.epochs != stored.train.epochs else stored.train,
+        )
+    save_config(config, run_dir / "config.yaml")
+    cfg = config.train
+
+    train_set = build_dataset(config, "train")
+    val_set = build_dataset(config, "val") if config.data.val_fraction > 0 else None
+    torch.manual_seed(cfg.seed)
+    model = IPSModel(config.model, config.selection).to(device)
+    model.grid_shape = getattr(train_set, "grid_shape", None)
+    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    optimizer, scheduler = build_optimizer(model, cfg, steps_per_epoch)
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+    start_epoch, best = 0, -math.inf
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, best = int(state["epoch"]), float(state["best"])
+        log.info("resumed %s at epoch %d", run_dir, start_epoch)
+
+    logger = RunLogger(run_dir)
+    bar = _progress_factory(progress)
+    history: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    stop = cfg.epochs if max_epochs is None else min(cfg.epochs, start_epoch + max_epochs)
+    try:
+        for epoch in range(start_epoch, stop):
+            generator = _seed_epoch(cfg.seed, epoch)
+            loader = make_loader(train_set, config, shuffle=True, epoch=epoch)
+            train_metrics = train_one_epoch(
+                model,
+                loader,
+                optimizer,
+                scheduler,
+                cfg,
+                device=device,
+                generator=generator,
+                scaler=scaler,
+                progress=bar(f"epoch {epoch + 1}/{cfg.epochs}"),
+                on_step=lambda step, stats: (
+                    logger.step(step, stats) if step % cfg.log_every == 0 else None
+                ),
+            )
+            row: dict[str, Any] = {"epoch": epoch + 1, "step": scheduler.last_epoch}
+            row["lr"] = optimizer.param_groups[0]["lr"]
+            row.update({f"train_{k}": v for k, v in train_metrics.items()})
+            is_best = False
+            if val_set is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == stop):
+                val = evaluate(
+                    model,
+                    make_loader(val_set, config, shuffle=False),
+                    device=device,
+                    amp=cfg.amp,
+                    seed=cfg.seed,
+                )
+                row.update({f"val_{k}": v for k, v in val.items()})
+                row[MAIN_METRIC] = main_metric(val, model.tasks)
+                is_best = row[MAIN_METRIC] > best
+                best = max(best, row[MAIN_METRIC])
+            elif val_set is None:
+                is_best = True
+            row["elapsed_s"] = time.perf_counter() - started
+            extra = {"epoch": epoch + 1, "best": best, "metrics": json.dumps(row)}
+            save_checkpoint(
+                run_dir / "last.pt",
+                model,
+                config,
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                **({"scaler": scaler.state_dict()} if scaler else {}),
+                **extra,
+            )
+            if is_best:
+                save_checkpoint(run_dir / "best.pt", model, config, **extra)
+            logger.epoch(row)
+            history.append(row)
+            log.info("epoch %d: %s", epoch + 1, _summary(row))
+    finally:
+        logger.close()
+    return {"run_dir": str(run_dir), "epochs": stop, "best": best, "history": history}
+
+
+def _summary(row: Mapping[str, Any]) -> str:
+    keys = [k for k in row if k.startswith("val_") and "/" in k] + ["train_loss"]
+    return ", ".join(f"{k}={row[k]:.4g}" for k in keys if k in row)
+
+
+def _progress_factory(enabled: bool) -> Callable[[str], Callable[[Iterable], Iterable] | None]:
+    def factory(desc: str) -> Callable[[Iterable], Iterable] | None:
+        if not enabled:
+            return None
+        from tqdm.auto import tqdm
+
+        return lambda it: tqdm(it, desc=desc, leave=False, dynamic_ncols=True)
+
+    return factory
+
+
+# ---- evaluation of a stored model -----------------------------------------------------------
+
+
+def nest_metrics(metrics: Mapping[str, float]) -> dict[str, Any]:
+    """``{"majority/accuracy": 0.9, "loss": 1.2}`` -> ``{"majority": {"accuracy": 0.9},
+    "loss": 1.2}``."""
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if "/" in key:
+            task, name = key.split("/", 1)
+            out.setdefault(task, {})[name] = value
+        else:
+            out[key] = value
+    return out
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike,
+    *,
+    data_path: str | None = None,
+    split: str = "test",
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> dict[str, float]:
+    """Metrics of a stored model on a split of its dataset (or of ``data_path``), with the
+    selection seed used at training time, so validation metrics match the logged ones."""
+    from ips.model import load_model
+
+    payload = load_checkpoint(checkpoint)
+    config = config_from_dict(payload["config"])
+    if data_path is not None:
+        config = Config(
+            model=config.model,
+            selection=config.selection,
+            data=dataclasses.replace(config.data, path=str(data_path)),
+            train=config.train,
+        )
+    device = torch.device(device)
+    model = load_model(checkpoint).to(device)
+    dataset = build_dataset(config, split)
+    model.grid_shape = getattr(dataset, "grid_shape", None)
+    bar = _progress_factory(progress)(f"eval {split}")
+    return evaluate(
+        model,
+        make_loader(dataset, config, shuffle=False),
+        device=device,
+        amp=config.train.amp,
+        seed=config.train.seed,
+        progress=bar,
+    )

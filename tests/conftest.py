@@ -1,0 +1,51 @@
+"""Tiny CPU fixtures shared by the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+TINY = dict(
+    embed_dim=16,
+    num_heads=2,
+    head_dim=8,
+    mlp_dim=32,
+    in_channels=1,
+    patch_size=8,
+    dropout=0.0,
+    tasks={
+        "digit": {"kind": "multiclass", "num_classes": 3},
+        "tumour": {"kind": "binary"},
+        "labels": {"kind": "multilabel", "num_classes": 4},
+    },
+)
+
+
+@pytest.fixture
+def tiny() -> dict:
+    """Word-named create_model overrides for a tiny three-task pixel model."""
+    return dict(TINY)
+
+
+@pytest.fixture
+def generator() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+def random_patches(b: int, n: int, c: int = 1, p: int = 8, seed: int = 0) -> torch.Tensor:
+    """(B, N, C, P, P) uint8 patches with no two alike."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (b, n, c, p, p), generator=g, dtype=torch.uint8)
+
+
+def random_targets(b: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "digit": torch.randint(0, 3, (b,), generator=g),
+        "tumour": torch.randint(0, 2, (b,), generator=g).float(),
+        "labels": torch.randint(0, 2, (b, 4), generator=g).float(),
+    }

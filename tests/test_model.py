@@ -1,0 +1,178 @@
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+import ips
+from conftest import random_patches, random_targets
+from ips.heads import compute_loss
+
+
+def _model(tiny, **kw):
+    torch.manual_seed(0)
+    return ips.create_model(**{**tiny, "memory_size": 5, "chunk_size": 4, **kw})
+
+
+def test_forward_returns_logits_per_task_and_selection(tiny):
+    model = _model(tiny)
+    out = model(random_patches(2, 30))
+    assert out.logits["digit"].shape == (2, 3)
+    assert out.logits["tumour"].shape == (2,)
+    assert out.logits["labels"].shape == (2, 4)
+    assert out.attention.shape == (2, 3, 5)  # (B, T, M)
+    assert out.selected.shape == out.scores.shape == out.mask.shape == (2, 5)
+    assert torch.allclose(out.attention.sum(-1), torch.ones(2, 3))
+
+
+def test_a_training_step_changes_every_trainable_parameter(tiny):
+    model = _model(tiny, dropout=0.1)
+    model.train()
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = model(random_patches(4, 20))
+    loss, _ = compute_loss(out.logits, random_targets(4), model.tasks)
+    loss.backward()
+    no_grad = [k for k, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not no_grad, f"no gradient reached {no_grad}"
+    optimizer.step()
+    unchanged = [k for k, p in model.named_parameters() if torch.equal(p, before[k])]
+    assert not unchanged
+
+
+def test_same_seed_gives_the_same_selection_and_loss(tiny):
+    losses, selected = [], []
+    for _ in range(2):
+        model = _model(tiny)
+        torch.manual_seed(1)
+        out = model(random_patches(2, 30), generator=torch.Generator().manual_seed(7))
+        losses.append(compute_loss(out.logits, random_targets(2), model.tasks)[0])
+        selected.append(out.selected)
+    assert torch.equal(selected[0], selected[1])
+    assert torch.equal(losses[0], losses[1])
+
+
+def test_padded_and_unpadded_inputs_give_identical_logits(tiny):
+    model = _model(tiny, shuffle=False).eval()
+    long, short = random_patches(1, 30, seed=1), random_patches(1, 17, seed=2)
+    padded = torch.cat(
+        [long, torch.cat([short, torch.full((1, 13, 1, 8, 8), 255, dtype=torch.uint8)], 1)]
+    )
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[1, 17:] = False
+    with torch.no_grad():
+        batch = model(padded, mask)
+        alone = [model(long), model(short)]
+        as_list = model([long[0], short[0].numpy()])
+    for name in batch.logits:
+        for b in range(2):
+            assert torch.allclose(batch.logits[name][b], alone[b].logits[name][0], atol=1e-5)
+            assert torch.allclose(as_list.logits[name][b], alone[b].logits[name][0], atol=1e-5)
+    assert int(batch.selected[1].max()) < 17
+
+
+def test_images_with_fewer_patches_than_memory_use_all_of_them(tiny):
+    model = _model(tiny, memory_size=50).eval()
+    patches = random_patches(1, 12)
+    out = model(patches)
+    assert sorted(out.selected[0].tolist()) == list(range(12))
+    mask = torch.ones(1, 12, dtype=torch.bool)
+    with torch.no_grad():
+        padded = model(
+            torch.cat([patches, torch.zeros(1, 4, 1, 8, 8, dtype=torch.uint8)], 1),
+            torch.cat([mask, torch.zeros(1, 4, dtype=torch.bool)], 1),
+        )
+        plain = model(patches)
+    assert torch.allclose(padded.logits["digit"], plain.logits["digit"], atol=1e-5)
+    assert padded.mask.sum() == 12
+
+
+def test_wrong_patch_shape_is_named(tiny):
+    model = _model(tiny)
+    with pytest.raises(ValueError, match=r"patches must be \(n, C=1, P, P\)"):
+        model(torch.zeros(1, 10, 3, 8, 8, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("pos_enc", ["1d", "2d"])
+def test_positional_encodings_change_the_output(tiny, pos_enc):
+    patches = random_patches(1, 16)
+    outs = []
+    for kind in ("none", pos_enc):
+        model = _model(tiny, pos_enc=kind, memory_size=20).eval()
+        with torch.no_grad():
+            outs.append(model(patches, grid_shape=(4, 4)).logits["digit"])
+    assert not torch.allclose(outs[0], outs[1])
+
+
+def test_2d_positional_encoding_needs_a_grid(tiny):
+    model = _model(tiny, pos_enc="2d", memory_size=20)
+    with pytest.raises(ValueError, match="grid"):
+        model(random_patches(1, 16))
+
+
+def test_feature_model_runs_on_precomputed_features(tiny):
+    model = _model(tiny, encoder="features", feature_dim=12, memory_size=4, chunk_size=3)
+    out = model(torch.randn(2, 20, 12))
+    assert out.logits["digit"].shape == (2, 3)
+    with pytest.raises(ValueError, match="F=12"):
+        model(torch.randn(2, 20, 7))
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tiny, tmp_path):
+    model = _model(tiny).eval()
+    path = ips.save_checkpoint(tmp_path / "model.pt", model, model.config, epoch=3)
+    loaded = ips.load_model(path).eval()
+    assert loaded.config == model.config
+    patches = random_patches(2, 30)
+    with torch.no_grad():
+        a = model(patches, generator=torch.Generator().manual_seed(1))
+        b = loaded(patches, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a.selected, b.selected)
+    for name in a.logits:
+        assert torch.equal(a.logits[name], b.logits[name])
+    assert ips.load_checkpoint(path)["epoch"] == 3
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_file_intact(tiny, tmp_path, monkeypatch):
+    model = _model(tiny)
+    path = ips.save_checkpoint(tmp_path / "last.pt", model, model.config, epoch=1)
+    before = path.read_bytes()
+
+    def broken_save(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        ips.save_checkpoint(path, model, model.config, epoch=2)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (exec, ("open('pwned', 'w').write('x')",))
+
+
+def test_a_checkpoint_crafted_to_run_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"format": "ips-checkpoint", "payload": _RunsCode()}))
+    with pytest.raises(ValueError, match="evil.pt"):
+        ips.load_model(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_loading_a_checkpoint_with_mismatched_weights_names_the_file(tiny, tmp_path):
+    model = _model(tiny)
+    payload = ips.load_checkpoint(ips.save_checkpoint(tmp_path / "a.pt", model, model.config))
+    payload["config"]["model"]["embed_dim"] = 32
+    torch.save(payload, tmp_path / "b.pt")
+    with pytest.raises(ValueError, match="b.pt"):
+        ips.load_model(tmp_path / "b.pt")
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        ips.load_model(tmp_path / "nope.pt")

@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SHARED_DATA
+from ips.config import TrainConfig, load_config
+from ips.data import generate_megapixel_mnist, load_mnist
+from ips.model import load_checkpoint
+from ips.train import evaluate_checkpoint, fit, lr_factor, parameter_groups, roc_auc
+
+TINY_RUN = [
+    "model.embed_dim=16",
+    "model.num_heads=2",
+    "model.head_dim=8",
+    "model.mlp_dim=32",
+    "model.patch_size=30",
+    "selection.memory_size=6",
+    "selection.chunk_size=8",
+    "train.batch_size=8",
+    "train.warmup_epochs=0.5",
+    "data.val_fraction=0.25",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_mnist(tmp_path_factory):
+    mnist = SHARED_DATA / "mnist.npz"
+    digits = load_mnist(mnist if mnist.exists() else None, download=False)
+    path = tmp_path_factory.mktemp("data") / "mm.npz"
+    return generate_megapixel_mnist(
+        path, digits, num_train=32, num_test=16, canvas_size=(150, 150), num_noise=2, seed=1
+    )
+
+
+def _config(data, *extra):
+    return load_config("configs/megapixel_mnist_cpu.yaml", [*TINY_RUN, f"data.path={data}", *extra])
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    f = [lr_factor(s, warmup_steps=10, total_steps=100, min_ratio=1e-3) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[9:], f[10:], strict=False))
+    assert lr_factor(100, warmup_steps=10, total_steps=100, min_ratio=1e-3) == pytest.approx(1e-3)
+
+
+def test_no_decay_covers_norms_biases_and_queries(tiny):
+    import ips
+
+    model = ips.create_model(**tiny)
+    decay, no_decay = parameter_groups(model, TrainConfig())
+    no_decay_ids = {id(p) for p in no_decay["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in no_decay_ids}
+    assert "pool.queries" in names and "encoder.stem.1.weight" in names  # bn1
+    assert "pool.norm1.weight" in names and "heads.heads.digit.bias" in names
+    assert "heads.heads.digit.weight" not in names and decay["weight_decay"] == 0.1
+
+
+def test_roc_auc_matches_the_pairwise_definition():
+    rng = np.random.default_rng(0)
+    scores, labels = rng.integers(0, 5, 40).astype(float), rng.integers(0, 2, 40)
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    pairs = [(p > n) + 0.5 * (p == n) for p in pos for n in neg]
+    assert roc_auc(scores, labels) == pytest.approx(np.mean(pairs))
+    assert math.isnan(roc_auc(scores, np.zeros(40)))
+
+
+def test_a_tiny_training_run_lowers_the_loss_and_logs_everything(tiny_mnist, tmp_path):
+    config = _config(tiny_mnist, "train.epochs=6", "train.lr=3e-3")
+    fit(config, tmp_path, progress=False)
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert len(rows) == 6
+    losses = [float(r["train_loss"]) for r in rows]
+    assert losses[-1] < losses[0]
+    for key in (
+        "val_majority/accuracy",
+        "val_multi/exact_match",
+        "train_foreground_share",
+        "val_attention_entropy",
+        "lr",
+        "train_images_per_second",
+    ):
+        assert key in rows[0], key
+    assert (tmp_path / "best.pt").exists() and (tmp_path / "config.yaml").exists()
+    assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_resume_after_an_interrupted_run_matches_an_uninterrupted_run(tiny_mnist, tmp_path):
+    config = _config(tiny_mnist, "train.epochs=2")
+    fit(config, tmp_path / "straight", progress=False)
+    fit(config, tmp_path / "split", progress=False, max_epochs=1)
+    assert load_checkpoint(tmp_path / "split" / "last.pt")["epoch"] == 1
+    fit(config, tmp_path / "split", progress=False, resume=True)
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(tmp_path / "split" / "last.pt")
+    assert b["epoch"] == 2
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    rows = list(csv.DictReader((tmp_path / "split" / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+
+
+def test_eval_of_a_checkpoint_reproduces_the_logged_validation_metrics(tiny_mnist, tmp_path):
+    fit(_config(tiny_mnist, "train.epochs=1"), tmp_path, progress=False)
+    logged = next(csv.DictReader((tmp_path / "metrics.csv").open()))
+    metrics = evaluate_checkpoint(tmp_path / "last.pt", split="val")
+    for key in ("majority/accuracy", "max/accuracy", "multi/label_accuracy", "loss"):
+        assert metrics[key] == pytest.approx(float(logged[f"val_{key}"]), rel=1e-4), key
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tiny_mnist, tmp_path):
+    with pytest.raises(FileNotFoundError, match="last.pt"):
+        fit(_config(tiny_mnist), tmp_path, resume=True, progress=False)
