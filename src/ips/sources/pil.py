@@ -1,0 +1,113 @@
+"""Patches of ordinary images (PNG, JPEG, BMP, small TIFF...) decoded whole by Pillow."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+
+from .base import PatchSource, TissueSpec, cannot_read, check_path
+
+
+def load_image(path: str | os.PathLike, background: int = 255) -> np.ndarray:
+    """Decode an image file to uint8 (H, W, C), C = 1 (grey) or 3 (colour).
+
+    EXIF orientation is applied; transparency is composited onto `background`; 16-bit grey
+    is reduced to its high byte and float grey is taken as [0, 1].
+    """
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        mode = img.mode
+        if mode == "1" or (mode == "L" and "transparency" not in img.info):
+            return np.asarray(img.convert("L"))[..., None]
+        if mode.startswith("I"):
+            return np.clip(np.asarray(img).astype(np.int64) >> 8, 0, 255).astype(np.uint8)[
+                ..., None
+            ]
+        if mode == "F":
+            return np.clip(np.asarray(img) * 255.0 + 0.5, 0, 255).astype(np.uint8)[..., None]
+        if mode in ("L", "LA", "La"):
+            values = np.asarray(img.convert("LA")).astype(np.uint16)
+            color, alpha = values[..., :1], values[..., 1:]
+        elif "A" in mode or "a" in mode or "transparency" in img.info:
+            values = np.asarray(img.convert("RGBA")).astype(np.uint16)
+            color, alpha = values[..., :3], values[..., 3:]
+        else:
+            return np.asarray(img.convert("RGB"))
+    return ((color * alpha + (255 - alpha) * background + 127) // 255).astype(np.uint8)
+
+
+class PillowSource(PatchSource):
+    """A patch grid over an image Pillow can decode, held in memory once per process.
+
+    Fine for photos and small scans; use `TiffSource` or `OpenSlideSource` for slides.
+    Pixels outside the image are `background` (255, white; also used under transparency).
+
+    Args:
+        path: the image.
+        patch_size: P, in pixels at the read resolution.
+        stride: S, default P.
+        downsample: image pixels per read pixel (resized on read).
+        mpp: microns per image pixel, if known.
+        target_mpp: microns per read pixel; needs `mpp`.
+        tissue: None, "otsu", a mask array or a mask image / GeoJSON path.
+        min_tissue: lowest tissue fraction of a kept patch.
+        name: used in error messages; default the file name.
+        background: value of pixels outside the image.
+    """
+
+    _transient = ("_array",)
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        patch_size: int,
+        stride: int | None = None,
+        level: int | None = None,
+        downsample: float | None = None,
+        mpp: float | None = None,
+        target_mpp: float | None = None,
+        tissue: TissueSpec = None,
+        min_tissue: float = 0.01,
+        name: str | None = None,
+        background: int = 255,
+    ) -> None:
+        self.path = check_path(path)
+        self.name = name or self.path.name
+        self.background = int(background)
+        self.mpp = mpp
+        self._array: np.ndarray | None = None
+        self._lock = threading.RLock()
+        self._opened_pid = None
+        with self._lock:
+            self._ensure_open()
+        height, width, self.channels = self._array.shape
+        self.level_dimensions = ((width, height),)
+        self.level_downsamples = (1.0,)
+        self._setup(
+            patch_size=patch_size,
+            stride=stride,
+            level=level,
+            downsample=downsample,
+            target_mpp=target_mpp,
+            tissue=tissue,
+            min_tissue=min_tissue,
+        )
+
+    def _open(self) -> None:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            self._array = load_image(self.path, self.background)
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+            raise cannot_read(self.path, exc) from None
+
+    def _release(self) -> None:
+        self._array = None
+
+    def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        return self._array[y : y + height, x : x + width]

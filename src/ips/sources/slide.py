@@ -1,0 +1,113 @@
+"""Patches of whole-slide images read with OpenSlide (SVS, NDPI, MRXS, SCN, DICOM, TIFF...)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+from .base import PatchSource, TissueSpec, cannot_read, check_path, require
+
+
+def composite(rgba: np.ndarray, background: int) -> np.ndarray:
+    """Straight-alpha RGBA (h, w, 4) -> RGB (h, w, 3) over a grey `background`."""
+    alpha = rgba[..., 3:]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgba[..., :3])
+    alpha = alpha.astype(np.uint16)
+    rgb = rgba[..., :3].astype(np.uint16) * alpha + (255 - alpha) * background
+    return ((rgb + 127) // 255).astype(np.uint8)
+
+
+class OpenSlideSource(PatchSource):
+    """A patch grid over a slide opened with OpenSlide.
+
+    OpenSlide returns RGBA; transparent pixels (outside the scanned area, or outside the image)
+    are composited onto `background` (255, white, the pathology convention). The grid covers
+    the whole level, including any empty margin; use `tissue` to skip it.
+
+    Args:
+        path: the slide.
+        patch_size: P, in pixels at the read resolution.
+        stride: S, default P.
+        level: pyramid level to read.
+        downsample: level-0 pixels per read pixel (a level, or the next finer level resized).
+        mpp: microns per level-0 pixel, overriding the slide's `openslide.mpp-x`.
+        target_mpp: microns per read pixel; needs the slide's or the given `mpp`.
+        tissue: None, "otsu", a mask array or a mask image / GeoJSON path.
+        min_tissue: lowest tissue fraction of a kept patch.
+        name: used in error messages; default the file name.
+        background: grey value transparent pixels are composited onto.
+        cache_mb: size of OpenSlide's tile cache (per process); None keeps OpenSlide's default.
+    """
+
+    _transient = ("_slide",)
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        patch_size: int,
+        stride: int | None = None,
+        level: int | None = None,
+        downsample: float | None = None,
+        mpp: float | None = None,
+        target_mpp: float | None = None,
+        tissue: TissueSpec = None,
+        min_tissue: float = 0.01,
+        name: str | None = None,
+        background: int = 255,
+        cache_mb: float | None = None,
+    ) -> None:
+        require("openslide")
+        self.path = check_path(path)
+        self.name = name or self.path.name
+        self.background = int(background)
+        self._cache_mb = cache_mb
+        self._slide: Any = None
+        self._lock = threading.RLock()
+        self._opened_pid = None
+        with self._lock:
+            try:
+                self._open()
+                self._opened_pid = os.getpid()
+            except Exception as exc:
+                raise cannot_read(self.path, exc) from None
+            slide = self._slide
+            self.level_dimensions = tuple((int(w), int(h)) for w, h in slide.level_dimensions)
+            self.level_downsamples = tuple(float(d) for d in slide.level_downsamples)
+            file_mpp = slide.properties.get("openslide.mpp-x")
+        self.channels = 3
+        self.mpp = mpp if mpp is not None else (float(file_mpp) if file_mpp else None)
+        try:
+            self._setup(
+                patch_size=patch_size,
+                stride=stride,
+                level=level,
+                downsample=downsample,
+                target_mpp=target_mpp,
+                tissue=tissue,
+                min_tissue=min_tissue,
+            )
+        finally:
+            self.close()
+
+    def _open(self) -> None:
+        openslide = require("openslide")
+        slide = openslide.OpenSlide(str(self.path))
+        if self._cache_mb is not None:
+            slide.set_cache(openslide.OpenSlideCache(int(self._cache_mb * 2**20)))
+        self._slide = slide
+
+    def _release(self) -> None:
+        if self._slide is not None:
+            self._slide.close()
+        self._slide = None
+
+    def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        scale = self.level_downsamples[level]
+        location = (round(x * scale), round(y * scale))  # OpenSlide takes level-0 coordinates
+        rgba = np.asarray(self._slide.read_region(location, level, (width, height)))
+        return composite(rgba, self.background)

@@ -1,0 +1,229 @@
+"""Tissue masks: which patches of a slide show tissue.
+
+Three ways to get a mask, all ending in `tissue_patch_ids`:
+- `otsu_tissue_mask` on a thumbnail (automatic, for brightfield H&E-like slides);
+- a mask image of any size, scaled to the slide (non-zero pixels are tissue);
+- a GeoJSON file of polygons in level-0 pixels (e.g. a QuPath export), rasterised here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MIN_SATURATION = 0.05  # floor on the Otsu threshold: keeps JPEG noise on blank glass out
+MASK_MAX_SIZE = 4096  # longest side of a rasterised GeoJSON mask
+
+
+class EmptyTissueError(ValueError):
+    """No patch of a slide passes the tissue filter."""
+
+
+def tissue_signal(image: np.ndarray) -> np.ndarray:
+    """How tissue-like each pixel looks, in [0, 1].
+
+    RGB: HSV saturation, (max - min) / max over the channels, which is near 0 on white or grey
+    glass and on black borders, and high on stained tissue. One channel: darkness, 1 - value/255.
+
+    Args:
+        image: uint8 (h, w, C) or (h, w).
+
+    Returns:
+        float32 (h, w).
+    """
+    img = np.asarray(image)
+    if img.ndim == 2:
+        img = img[..., None]
+    if img.ndim != 3:
+        raise ValueError(f"image must be (h, w) or (h, w, C), got {img.shape}")
+    img = img.astype(np.float32)
+    if img.shape[-1] < 3:
+        return 1.0 - img[..., 0] / 255.0
+    rgb = img[..., :3]
+    high, low = rgb.max(axis=-1), rgb.min(axis=-1)
+    return np.where(high > 0, (high - low) / np.maximum(high, 1e-6), 0.0).astype(np.float32)
+
+
+def otsu_threshold_mask(
+    image: np.ndarray, *, min_signal: float = MIN_SATURATION
+) -> tuple[np.ndarray, float]:
+    """`otsu_tissue_mask` and the threshold it used (a constant image has no tissue)."""
+    try:
+        from skimage.filters import threshold_otsu
+    except ImportError as exc:
+        raise ImportError(
+            "reading slides needs: pip install 'iterative-patch-selection[wsi]'"
+        ) from exc
+    signal = tissue_signal(image)
+    if signal.size == 0 or float(signal.max() - signal.min()) < 1e-6:
+        threshold = max(float(signal.max()) if signal.size else 0.0, min_signal)
+        return np.zeros(signal.shape, dtype=bool), threshold
+    threshold = max(float(threshold_otsu(signal)), min_signal)
+    return signal > threshold, threshold
+
+
+def otsu_tissue_mask(thumbnail: np.ndarray, *, min_signal: float = MIN_SATURATION) -> np.ndarray:
+    """Tissue mask of a thumbnail by Otsu's threshold on `tissue_signal` (saturation for RGB).
+
+    The threshold is never below `min_signal`, so blank or near-constant slides give no tissue.
+
+    Args:
+        thumbnail: uint8 (h, w, C) or (h, w).
+        min_signal: lowest threshold on the signal in [0, 1].
+
+    Returns:
+        bool (h, w).
+    """
+    return otsu_threshold_mask(thumbnail, min_signal=min_signal)[0]
+
+
+def tissue_patch_ids(
+    mask: np.ndarray,
+    mask_downsample: float | tuple[float, float],
+    coords: np.ndarray,
+    patch_size_level0: float,
+    min_fraction: float = 0.01,
+) -> np.ndarray:
+    """Ids of the patches whose tissue fraction is at least `min_fraction`.
+
+    The fraction is the mean of the mask over the mask pixels the patch overlaps.
+
+    Args:
+        mask: bool (h, w), True on tissue.
+        mask_downsample: level-0 pixels per mask pixel, one number or (x, y).
+        coords: (N, 2) level-0 (x, y) of the patches' top-left corners.
+        patch_size_level0: patch side in level-0 pixels.
+        min_fraction: lowest tissue fraction kept, in [0, 1].
+
+    Returns:
+        int64 (n,) ids into `coords`, increasing.
+    """
+    mask = np.asarray(mask).astype(bool)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be (h, w), got {mask.shape}")
+    coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    dsx, dsy = (
+        (mask_downsample, mask_downsample) if np.isscalar(mask_downsample) else mask_downsample
+    )
+    h, w = mask.shape
+    table = np.zeros((h + 1, w + 1), dtype=np.int64)  # summed-area table
+    table[1:, 1:] = mask.cumsum(axis=0, dtype=np.int64).cumsum(axis=1)
+    x0 = np.clip(np.floor(coords[:, 0] / dsx + 1e-9), 0, w).astype(np.int64)
+    y0 = np.clip(np.floor(coords[:, 1] / dsy + 1e-9), 0, h).astype(np.int64)
+    x1 = np.clip(np.ceil((coords[:, 0] + patch_size_level0) / dsx - 1e-9), 0, w).astype(np.int64)
+    y1 = np.clip(np.ceil((coords[:, 1] + patch_size_level0) / dsy - 1e-9), 0, h).astype(np.int64)
+    area = np.maximum(x1 - x0, 0) * np.maximum(y1 - y0, 0)
+    inside = table[y1, x1] - table[y0, x1] - table[y1, x0] + table[y0, x0]
+    fraction = np.where(area > 0, inside / np.maximum(area, 1), 0.0)
+    return np.flatnonzero(fraction >= min_fraction).astype(np.int64)
+
+
+def load_tissue_mask(
+    path: str | os.PathLike,
+    level0_size: tuple[int, int],
+    *,
+    downsample: float | None = None,
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """Read a user mask: a GeoJSON (.json/.geojson) of polygons, or a mask image.
+
+    Args:
+        path: GeoJSON with polygons in level-0 pixels, or an image whose non-zero pixels are
+            tissue (any size: it is stretched over the whole slide).
+        level0_size: (width, height) of the slide's level 0.
+        downsample: level-0 pixels per mask pixel when rasterising GeoJSON; default makes the
+            longest side at most 4096.
+
+    Returns:
+        mask: bool (h, w).
+        mask_downsample: (x, y) level-0 pixels per mask pixel.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.suffix.lower() in (".json", ".geojson"):
+        try:
+            geojson = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(
+                f"{path}: cannot read as GeoJSON ({' '.join(str(exc).split())})"
+            ) from None
+        if downsample is None:
+            downsample = max(1.0, max(level0_size) / MASK_MAX_SIZE)
+        mask = rasterize_geojson(geojson, level0_size, downsample, name=str(path))
+        return mask, (downsample, downsample)
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            mask = np.asarray(img.convert("L")) > 0
+    except (OSError, UnidentifiedImageError) as exc:
+        raise ValueError(
+            f"{path}: cannot read as a mask image ({' '.join(str(exc).split())})"
+        ) from None
+    w0, h0 = level0_size
+    return mask, (w0 / mask.shape[1], h0 / mask.shape[0])
+
+
+def rasterize_geojson(
+    geojson: Any,
+    level0_size: tuple[int, int],
+    downsample: float,
+    *,
+    name: str = "GeoJSON",
+) -> np.ndarray:
+    """Rasterise the polygons of a GeoJSON object (holes included) at a low resolution.
+
+    Accepts a FeatureCollection, a Feature, a list of Features (QuPath's two export styles) or a
+    bare geometry; Polygon and MultiPolygon count, other geometries are ignored.
+
+    Args:
+        geojson: the parsed JSON.
+        level0_size: (width, height) of level 0; coordinates are level-0 pixels.
+        downsample: level-0 pixels per mask pixel.
+        name: used in error messages.
+
+    Returns:
+        bool (ceil(height / downsample), ceil(width / downsample)).
+    """
+    from PIL import Image, ImageDraw
+
+    polygons = list(_polygons(geojson))
+    if not polygons:
+        raise ValueError(f"{name}: no Polygon or MultiPolygon geometry found")
+    width = max(1, math.ceil(level0_size[0] / downsample))
+    height = max(1, math.ceil(level0_size[1] / downsample))
+    img = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(img)
+    for rings in polygons:
+        for i, ring in enumerate(rings):
+            points = np.asarray(ring, dtype=np.float64).reshape(-1, 2)[:, :2] / downsample - 0.5
+            if len(points) >= 3:
+                draw.polygon([tuple(p) for p in points], fill=0 if i else 1)
+    return np.asarray(img) > 0
+
+
+def _polygons(obj: Any) -> Iterator[list]:
+    """Yield each polygon as a list of rings (exterior first, then holes)."""
+    if isinstance(obj, list):
+        for item in obj:
+            yield from _polygons(item)
+        return
+    if not isinstance(obj, dict):
+        return
+    kind = obj.get("type")
+    if kind == "FeatureCollection":
+        yield from _polygons(obj.get("features", []))
+    elif kind == "Feature":
+        yield from _polygons(obj.get("geometry"))
+    elif kind == "GeometryCollection":
+        yield from _polygons(obj.get("geometries", []))
+    elif kind == "Polygon":
+        yield obj.get("coordinates", [])
+    elif kind == "MultiPolygon":
+        yield from obj.get("coordinates", [])
