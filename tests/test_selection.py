@@ -246,3 +246,64 @@ def test_identical_patches_do_not_always_favour_the_first_ones(tiny):
         g = torch.Generator().manual_seed(seed)
         picks |= set(model.select(blank, generator=g).ids[0].tolist())
     assert len(picks) > 3
+
+
+def _blank_heavy(b: int = 2, n: int = 40, seed: int = 0) -> torch.Tensor:
+    patches = random_patches(b, n, seed=seed)
+    patches[:, ::3] = 0  # a third of the patches are identical blank background
+    return patches
+
+
+def test_encoding_each_distinct_patch_once_gives_the_same_selection(tiny):
+    patches = _blank_heavy()
+    results = []
+    for dedup in (False, True):
+        model = _model(tiny, dedup=dedup)
+        results.append(model.select(patches, generator=torch.Generator().manual_seed(2)))
+    assert torch.equal(results[0].ids, results[1].ids)
+    assert torch.allclose(results[0].scores, results[1].scores, atol=1e-6)
+
+
+def _prefers_blank(x: torch.Tensor) -> torch.Tensor:
+    """An encoder whose single feature is the negative brightness: blank scores highest."""
+    return -x.float().flatten(1).mean(1, keepdim=True).repeat(1, D) / 255
+
+
+def _brightness_pool() -> CrossAttentionPool:
+    pool = CrossAttentionPool(embed_dim=D, num_heads=1, head_dim=D, mlp_dim=4, num_queries=1)
+    with torch.no_grad():
+        pool.queries.fill_(1.0)
+        pool.attn.q_proj.weight.copy_(torch.eye(D))
+        pool.attn.q_proj.bias.zero_()
+        pool.attn.k_proj.weight.copy_(torch.eye(D))
+    return pool
+
+
+def test_distinct_memory_keeps_one_copy_of_identical_patches():
+    patches = _blank_heavy(b=1, n=30)
+    pool = _brightness_pool()
+    plain = _select(patches, _prefers_blank, pool, 6, 5)
+    assert all(int(i) % 3 == 0 for i in plain.ids[0])  # collapsed onto blank copies
+    guarded = _select(patches, _prefers_blank, pool, 6, 5, distinct=True)
+    kept = guarded.ids[0][guarded.mask[0]]
+    assert sum(int(i) % 3 == 0 for i in kept) == 1
+    brightness = patches[0].float().flatten(1).mean(1)
+    others = [i for i in range(30) if i % 3]
+    darkest = sorted(others, key=lambda i: float(brightness[i]))[:5]
+    assert set(kept.tolist()) - {int(i) for i in kept if int(i) % 3 == 0} == set(darkest)
+
+
+def test_observe_sees_a_score_for_every_patch():
+    encoder, pool = _parts(num_heads=2, num_queries=2)
+    features = torch.randn(2, 33, F_DIM)
+    seen = torch.zeros(2, 33, dtype=torch.bool)
+    last = torch.zeros(2, 33)
+
+    def observe(ids, scores, valid):
+        for b in range(2):
+            seen[b, ids[b][valid[b]]] = True
+            last[b, ids[b][valid[b]]] = scores[b][valid[b]]
+
+    sel = _select(features, encoder, pool, 5, 4, observe=observe)
+    assert bool(seen.all())
+    assert torch.allclose(last.gather(1, sel.ids), sel.scores)

@@ -124,6 +124,7 @@ class SelectionConfig:
     encoder_batch_size: int | None = None  # patches per encoder call; None: a whole chunk
     loading: str = "lazy"  # "eager", "eager_sequential" or "lazy" (see ips.model)
     dedup: bool = True  # encode identical patches (e.g. blank background) once per chunk
+    distinct: bool = False  # keep one copy of identical patches in memory (collapse guard)
     shuffle: bool = True  # random patch order so that ties do not favour the first patches
 
     def __post_init__(self) -> None:

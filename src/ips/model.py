@@ -35,6 +35,7 @@ from ips.config import (
 from ips.encoders import FeatureProjector, create_encoder
 from ips.heads import TaskHeads
 from ips.selection import (
+    Observer,
     PatchStore,
     Selection,
     embed_valid,
@@ -173,6 +174,7 @@ class IPSModel(nn.Module):
         *,
         grid_shape: tuple[int, int] | None = None,
         generator: torch.Generator | None = None,
+        observe: Observer | None = None,
     ) -> Selection:
         """Choose the K = min(M, N) best patches per image, without gradients, with every
         module in eval mode (previous modes restored afterwards).
@@ -182,6 +184,7 @@ class IPSModel(nn.Module):
             mask: (B, N) True for real patches of a padded tensor.
             grid_shape: (rows, cols) of the patch grid, for 2-D positional encodings.
             generator: random generator for the visiting order.
+            observe: receives every scored candidate set (see ``select_patches``).
 
         Returns:
             Selection(ids, scores, mask), each (B, K).
@@ -205,8 +208,10 @@ class IPSModel(nn.Module):
                 device=device,
                 encoder_batch_size=sel.encoder_batch_size,
                 dedup=sel.dedup,
+                distinct=sel.distinct,
                 shuffle=sel.shuffle,
                 generator=generator,
+                observe=observe,
             )
 
         with torch.inference_mode(), eval_mode(self):

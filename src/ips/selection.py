@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 Encode = Callable[[Tensor], Tensor]  # (n, ...) patches -> (n, D) embeddings
 Score = Callable[[Tensor, Tensor, Tensor], Tensor]  # emb (B, K, D), ids, valid (B, K) -> (B, K)
+Observer = Callable[[Tensor, Tensor, Tensor], None]  # ids, scores, valid (B, K)
 
 
 class Selection(NamedTuple):
@@ -131,6 +132,43 @@ def to_device(x: Tensor, device: torch.device) -> Tensor:
     return x.to(device)
 
 
+_KEY_WEIGHTS: dict[tuple[int, str], Tensor] = {}
+
+
+def content_keys(raw: Tensor, valid: Tensor) -> Tensor:
+    """A 64-bit hash of each patch's content, laid out as valid (B, k); padded entries get
+    distinct keys of their own.
+
+    Args:
+        raw: (n_valid, ...) patches (integer or float).
+        valid: (B, k) bool.
+
+    Returns:
+        (B, k) int64 on the CPU.
+    """
+    flat = raw.reshape(raw.shape[0], -1)
+    flat = flat.float().view(torch.int32) if flat.is_floating_point() else flat
+    width = flat.shape[1]
+    key = (width, str(flat.device))
+    if key not in _KEY_WEIGHTS:  # fixed odd multipliers; int64 products wrap around
+        g = torch.Generator().manual_seed(width)
+        weights = torch.randint(1, 2**62, (width,), generator=g) * 2 + 1
+        _KEY_WEIGHTS[key] = weights.to(flat.device)
+    hashed = (flat.long() * _KEY_WEIGHTS[key]).sum(1).cpu()  # (n_valid,)
+    keys = torch.iinfo(torch.int64).min + torch.arange(valid.numel()).view(valid.shape)
+    keys[valid] = hashed
+    return keys
+
+
+def duplicates(keys: Tensor, valid: Tensor) -> Tensor:
+    """(B, K) True for every valid entry whose key an earlier entry of its row already has."""
+    sorted_keys, order = keys.sort(dim=1, stable=True)
+    repeated = sorted_keys[:, 1:] == sorted_keys[:, :-1]
+    out = torch.zeros_like(valid)
+    out.scatter_(1, order[:, 1:], repeated)
+    return out & valid
+
+
 def encode_batched(encode: Encode, patches: Tensor, batch_size: int | None = None) -> Tensor:
     """Encode (n, ...) patches in micro-batches of ``batch_size``: (n, D)."""
     n = patches.shape[0]
@@ -195,8 +233,10 @@ def select_patches(
     device: torch.device | str | None = None,
     encoder_batch_size: int | None = None,
     dedup: bool = True,
+    distinct: bool = False,
     shuffle: bool = True,
     generator: torch.Generator | None = None,
+    observe: Observer | None = None,
 ) -> Selection:
     """Keep the M best-scoring patches of each image without gradients.
 
@@ -214,9 +254,16 @@ def select_patches(
         device: where encoding happens; patches are moved there M or I at a time.
         encoder_batch_size: patches per encoder call.
         dedup: encode identical patches of a chunk once (exact: the encoder is in eval mode).
+        distinct: keep at most one copy of identical patches in memory, so that a scorer that
+            favours a repeated patch (blank background) cannot fill the memory with copies of
+            it; the dropped copies come back with mask False.
         shuffle: visit the patches in one random order, so that ties (e.g. blank patches)
             do not always favour the first ones.
         generator: random generator for the order.
+        observe: called as ``observe(ids, scores, valid)`` with every scored candidate set
+            ((B, K) each, on the CPU), e.g. to collect a score map of all N patches for a
+            heatmap at no extra encoder cost. A patch is scored again while it stays in
+            memory; the last call for a patch holds its final score.
 
     Returns:
         Selection with ids, scores and mask of shape (B, min(M, N)), best first.
@@ -239,9 +286,10 @@ def select_patches(
         order = torch.arange(N)
     order = order.unsqueeze(0).expand(B, -1)  # (B, N)
 
-    def load(ids: Tensor) -> tuple[Tensor, Tensor]:
+    def load(ids: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         valid = store.valid(ids)
-        return store.read(ids, valid), valid
+        raw = store.read(ids, valid)
+        return raw, valid, content_keys(raw, valid) if distinct else None
 
     def embed(raw: Tensor, valid: Tensor) -> Tensor:
         raw = to_device(raw, device)
@@ -257,17 +305,17 @@ def select_patches(
             ids = order[:, start : start + I]
             return pool.submit(load, ids) if pool is not None else load(ids)
 
-        def result(pending: Any) -> tuple[Tensor, Tensor]:
+        def result(pending: Any) -> tuple[Tensor, Tensor, Tensor | None]:
             return pending.result() if pool is not None else pending
 
         memory_ids = order[:, :M]  # (B, M)
-        raw, memory_valid = load(memory_ids)
+        raw, memory_valid, memory_keys = load(memory_ids)
         pending = fetch(starts[0]) if starts else None
         memory = embed(raw, memory_valid)  # (B, M, D)
         del raw
         memory_scores = None
         for i, start in enumerate(starts):
-            raw, chunk_valid = result(pending)
+            raw, chunk_valid, chunk_keys = result(pending)
             chunk_ids = order[:, start : start + I]  # (B, I)
             prefetch = pool is not None and i + 1 < len(starts) and I <= M
             pending = fetch(starts[i + 1]) if prefetch else None
@@ -282,16 +330,26 @@ def select_patches(
             on_device = candidate_valid.to(device)
             scores = score(candidates, candidate_ids.to(device), on_device)  # (B, M + I)
             scores = scores.float().masked_fill(~on_device, float("-inf"))
+            if observe is not None:
+                observe(candidate_ids, scores.cpu(), candidate_valid)
+            if distinct:  # one copy of identical patches competes; the others drop out
+                candidate_keys = torch.cat([memory_keys, chunk_keys], dim=1)  # (B, M + I)
+                copies = duplicates(candidate_keys, candidate_valid).to(device)
+                scores = scores.masked_fill(copies, float("-inf"))
             memory_scores, keep = scores.topk(M, dim=1)  # (B, M)
             memory = candidates.gather(1, keep[..., None].expand(-1, -1, candidates.shape[-1]))
             keep = keep.cpu()
             memory_ids = candidate_ids.gather(1, keep)
-            memory_valid = candidate_valid.gather(1, keep)
+            memory_valid = candidate_valid.gather(1, keep) & memory_scores.isfinite().cpu()
+            if distinct:
+                memory_keys = candidate_keys.gather(1, keep)
 
     if memory_scores is None:  # N <= M: nothing to select, score the patches once for display
         on_device = memory_valid.to(device)
         memory_scores = score(memory, memory_ids.to(device), on_device).float()
         memory_scores = memory_scores.masked_fill(~on_device, float("-inf"))
+        if observe is not None:
+            observe(memory_ids, memory_scores.cpu(), memory_valid)
     # best first; padded entries last
     memory_scores, rank = memory_scores.sort(dim=1, descending=True)
     rank = rank.cpu()
