@@ -22,6 +22,7 @@ from ips.model import (
     load_model,
     save_checkpoint,
 )
+from ips.predict import Prediction, predict
 from ips.selection import Selection, eval_mode, gather_patches, select_patches
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ __all__ = [
     "IPSModel",
     "IPSOutput",
     "ModelConfig",
+    "Prediction",
     "Selection",
     "SelectionConfig",
     "TaskHeads",
@@ -49,6 +51,7 @@ __all__ = [
     "load_checkpoint",
     "load_config",
     "load_model",
+    "predict",
     "predictions",
     "probabilities",
     "register_encoder",

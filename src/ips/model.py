@@ -236,6 +236,7 @@ class IPSModel(nn.Module):
         *,
         grid_shape: tuple[int, int] | None = None,
         generator: torch.Generator | None = None,
+        observe: Observer | None = None,
     ) -> IPSOutput:
         """Select, then encode the kept patches with gradients, pool and classify.
 
@@ -246,6 +247,8 @@ class IPSModel(nn.Module):
                 selected, never attended to and change no logit.
             grid_shape: (rows, cols), for 2-D positional encodings over a tensor batch.
             generator: random generator for the selection order.
+            observe: receives every scored candidate set of the selection pass (see
+                ``select_patches``); the pass then also runs when N <= M, to score every patch.
 
         Returns:
             IPSOutput.
@@ -253,11 +256,14 @@ class IPSModel(nn.Module):
         device = self.device
         store = PatchStore(patches, mask)
         M = self.selection_config.memory_size
-        if store.num_patches <= M:  # nothing to select: use every patch
+        selected_all = store.num_patches <= M and observe is None
+        if selected_all:  # nothing to select: use every patch
             ids = torch.arange(store.num_patches).expand(store.batch_size, -1)
             selection = Selection(ids, torch.zeros(ids.shape), store.valid(ids))
         else:
-            selection = self.select(patches, mask, grid_shape=grid_shape, generator=generator)
+            selection = self.select(
+                patches, mask, grid_shape=grid_shape, generator=generator, observe=observe
+            )
         raw = gather_patches(patches, selection, mask=mask, device=device)  # (n_valid, ...)
         valid = selection.mask.to(device)
         emb = embed_valid(self.embed, raw, selection.mask)  # (B, K, D), with gradients
@@ -269,7 +275,7 @@ class IPSModel(nn.Module):
         logits = self.forward_head(pooled)
         attention = weights.mean(1)  # (B, T, K)
         scores = selection.scores.to(device)
-        if store.num_patches <= M:  # no selection pass ran: report the pooling attention
+        if selected_all:  # no selection pass ran: report the pooling attention
             scores = attention.detach().mean(1).float()
         return IPSOutput(logits, attention, selection.ids, scores, selection.mask)
 
