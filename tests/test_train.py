@@ -115,3 +115,36 @@ def test_eval_of_a_checkpoint_reproduces_the_logged_validation_metrics(tiny_mnis
 def test_resume_without_a_checkpoint_is_a_clear_error(tiny_mnist, tmp_path):
     with pytest.raises(FileNotFoundError, match="last.pt"):
         fit(_config(tiny_mnist), tmp_path, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("policy", ["skip", "fail"])
+def test_a_sample_that_fails_to_read_is_skipped_and_counted_or_ends_the_run(
+    tiny_mnist, tmp_path, monkeypatch, policy
+):
+    from ips.data.megapixel_mnist import MegapixelMNIST
+
+    original = MegapixelMNIST.__getitem__
+
+    def flaky(self, i):
+        if self.split == "train" and i == 2:
+            raise OSError("corrupt tile at (0, 0)")
+        return original(self, i)
+
+    monkeypatch.setattr(MegapixelMNIST, "__getitem__", flaky)
+    config = _config(tiny_mnist, "train.epochs=1", f"data.on_error={policy}")
+    if policy == "fail":
+        with pytest.raises(OSError, match="corrupt tile"):
+            fit(config, tmp_path, progress=False)
+        return
+    fit(config, tmp_path, progress=False)
+    row = next(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert float(row["train_skipped"]) == 1
+
+
+def test_deterministic_runs_are_bit_identical(tiny_mnist, tmp_path):
+    config = _config(tiny_mnist, "train.epochs=1", "train.deterministic=true")
+    for name in ("a", "b"):
+        fit(config, tmp_path / name, progress=False)
+    a = load_checkpoint(tmp_path / "a" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "b" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

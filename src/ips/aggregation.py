@@ -72,9 +72,10 @@ class CrossAttentionPool(nn.Module):
         mlp_dim: int = 2048,
         num_queries: int = 1,
         dropout: float = 0.1,
+        query_std: float = 1.0,
     ):
         super().__init__()
-        self.queries = nn.Parameter(torch.randn(num_queries, embed_dim))  # (T, D)
+        self.queries = nn.Parameter(torch.randn(num_queries, embed_dim) * query_std)  # (T, D)
         self.attn = CrossAttention(embed_dim=embed_dim, num_heads=num_heads, head_dim=head_dim)
         self.dropout = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(embed_dim)

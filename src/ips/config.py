@@ -78,6 +78,7 @@ class ModelConfig:
     mlp_dim: int = 512  # D_inner: hidden width of the MLP block
     num_queries: int | None = None  # T: learned query tokens; None means one per task
     dropout: float = 0.1  # dropout in the pooling transformer
+    query_std: float = 1.0  # std of the learned queries at initialisation (1.0: reference)
     pos_enc: str = "none"  # "none", "1d" (raster patch index) or "2d" (row, col)
     normalize_mean: tuple[float, ...] | None = None  # per-channel mean for uint8 / 255 input
     normalize_std: tuple[float, ...] | None = None  # per-channel std for uint8 / 255 input
@@ -146,6 +147,7 @@ class DataConfig:
     stride: int | None = None  # patch stride in pixels; None: model.patch_size (no overlap)
     val_fraction: float = 0.1  # share of the training set held out for validation
     num_workers: int = 0  # DataLoader worker processes
+    on_error: str = "fail"  # a sample that fails to read: "fail" the run or "skip" it (logged)
     options: dict[str, Any] = field(default_factory=dict)  # dataset-specific keyword arguments
 
     def __post_init__(self) -> None:
@@ -155,6 +157,8 @@ class DataConfig:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.on_error not in ("fail", "skip"):
+            raise ValueError(f"data.on_error must be 'fail' or 'skip', got {self.on_error!r}")
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,7 @@ class TrainConfig:
     seed: int = 0  # seed for weights, data order and selection
     eval_every: int = 1  # evaluate every this many epochs
     log_every: int = 10  # write step metrics every this many steps
+    deterministic: bool = False  # deterministic algorithms only (bit-identical CPU repeats)
 
     def __post_init__(self) -> None:
         _positive(self, "train", "epochs", "batch_size", "eval_every", "log_every")

@@ -91,6 +91,7 @@ class IPSModel(nn.Module):
             mlp_dim=model.mlp_dim,
             num_queries=model.queries,
             dropout=model.dropout,
+            query_std=model.query_std,
         )
         self.heads = TaskHeads(model.tasks, embed_dim=model.embed_dim)
         self.is_features = isinstance(self.encoder, FeatureProjector)

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ips.aggregation import masked_mean_entropy
 from ips.config import Config, TrainConfig, config_from_dict, save_config
-from ips.data.collate import collate_patches
+from ips.data.collate import SkipErrors, collate_patches
 from ips.data.registry import build_dataset
 from ips.heads import compute_loss, predictions, probabilities
 from ips.model import IPSModel, load_checkpoint, save_checkpoint
@@ -234,7 +234,11 @@ def train_one_epoch(
     dataset = loader.dataset
     start, seen = time.perf_counter(), 0
     batches = progress(loader) if progress else loader
+    skipped = 0
     for batch in batches:
+        skipped += _report_skipped(batch)
+        if not len(batch["index"]):
+            continue
         out, loss, targets = _forward(model, batch, device, generator, cfg.amp)
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -269,7 +273,14 @@ def train_one_epoch(
             on_step(scheduler.last_epoch, stats)
     metrics = tracker.compute()
     metrics["images_per_second"] = seen / max(time.perf_counter() - start, 1e-9)
+    metrics["skipped"] = skipped
     return metrics
+
+
+def _report_skipped(batch: Mapping[str, Any]) -> int:
+    for item in batch.get("skipped", ()):
+        log.warning("skipped %s", item["error"])
+    return len(batch.get("skipped", ()))
 
 
 @torch.no_grad()
@@ -289,7 +300,11 @@ def evaluate(
     generator = torch.Generator().manual_seed(seed)
     tracker = MetricTracker(model.tasks)
     try:
+        skipped = 0
         for batch in progress(loader) if progress else loader:
+            skipped += _report_skipped(batch)
+            if not len(batch["index"]):
+                continue
             out, loss, targets = _forward(model, batch, device, generator, amp)
             tracker.update(out.logits, targets, loss.item())
             for name, values in selection_diagnostics(
@@ -298,7 +313,7 @@ def evaluate(
                 tracker.add(name, values)
     finally:
         model.train(was_training)
-    return tracker.compute()
+    return {**tracker.compute(), "skipped": skipped}
 
 
 # ---- logging --------------------------------------------------------------------------------
@@ -360,6 +375,8 @@ def make_loader(
     """A loader whose shuffling is seeded by (seed, epoch), so a resumed epoch sees the same
     order."""
     generator = torch.Generator().manual_seed(config.train.seed * 100_003 + epoch)
+    if config.data.on_error == "skip":
+        dataset = SkipErrors(dataset)
     return DataLoader(
         dataset,
         batch_size=batch_size or config.train.batch_size,
@@ -415,6 +432,8 @@ def fit(
         )
     save_config(config, run_dir / "config.yaml")
     cfg = config.train
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
 
     train_set = build_dataset(config, "train")
     val_set = build_dataset(config, "val") if config.data.val_fraction > 0 else None
@@ -439,6 +458,7 @@ def fit(
     history: list[dict[str, Any]] = []
     started = time.perf_counter()
     stop = cfg.epochs if max_epochs is None else min(cfg.epochs, start_epoch + max_epochs)
+    epoch = start_epoch
     try:
         for epoch in range(start_epoch, stop):
             generator = _seed_epoch(cfg.seed, epoch)
@@ -491,6 +511,25 @@ def fit(
             logger.epoch(row)
             history.append(row)
             log.info("epoch %d: %s", epoch + 1, _summary(row))
+    except KeyboardInterrupt:
+        # last.pt stays at the last finished epoch (an exact resume point); keep the weights
+        # reached inside the interrupted epoch beside it
+        save_checkpoint(
+            run_dir / "interrupted.pt",
+            model,
+            config,
+            epoch=epoch,
+            best=best,
+            step=scheduler.last_epoch,
+        )
+        log.warning(
+            "interrupted in epoch %d: weights saved to %s; --resume continues from the end "
+            "of epoch %d (last.pt)",
+            epoch + 1,
+            run_dir / "interrupted.pt",
+            epoch,
+        )
+        raise
     finally:
         logger.close()
     return {"run_dir": str(run_dir), "epochs": stop, "best": best, "history": history}

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset
 
 
 def collate_patches(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -17,10 +18,19 @@ def collate_patches(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
         zero-padded tensor with ``mask`` (B, N_max) True for real patches when N differs; a list
         of B containers when the items are lazy sources (not tensors).
         ``mask``: (B, N) bool or None. ``targets``: task -> stacked (B, ...) tensor.
-        ``index``: (B,) dataset indices.
+        ``index``: (B,) dataset indices. ``skipped``: items that failed to load
+        (``{"index", "error"}``, see ``SkipErrors``), left out of the batch.
     """
+    skipped = [item for item in batch if "error" in item]
+    batch = [item for item in batch if "error" not in item]
     if not batch:
-        raise ValueError("cannot collate an empty batch")
+        return {
+            "patches": [],
+            "mask": None,
+            "targets": {},
+            "index": torch.zeros(0, dtype=torch.long),
+            "skipped": skipped,
+        }
     items = [item["patches"] for item in batch]
     mask = None
     if all(isinstance(p, Tensor) for p in items):
@@ -41,4 +51,34 @@ def collate_patches(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
         for name in batch[0]["targets"]
     }
     index = torch.tensor([int(item.get("index", i)) for i, item in enumerate(batch)])
-    return {"patches": patches, "mask": mask, "targets": targets, "index": index}
+    return {
+        "patches": patches,
+        "mask": mask,
+        "targets": targets,
+        "index": index,
+        "skipped": skipped,
+    }
+
+
+class SkipErrors(Dataset):
+    """Wraps a dataset so that an item that fails to load becomes ``{"index", "error"}``
+    (one line naming the item and the reason) instead of ending the run; ``collate_patches``
+    leaves such items out and reports them as ``skipped``."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str) -> Any:  # grid_shape, foreground_patches, ...
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        try:
+            return self.dataset[i]
+        except Exception as err:  # any reader failure: corrupt tile, vanished file, ...
+            reason = " ".join(str(err).split()) or type(err).__name__
+            return {"index": i, "error": f"item {i}: {reason}"}
