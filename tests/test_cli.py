@@ -152,3 +152,35 @@ def test_bad_input_exits_2_with_one_line_naming_the_field(
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ips: error:") and named in err[0]
+
+
+def test_predict_command_writes_tables_and_reports_a_bad_input(tmp_path, capsys, tiny):
+    import torch
+    from PIL import Image
+
+    import ips
+
+    model = ips.create_model(**{**tiny, "memory_size": 4, "chunk_size": 4})
+    ckpt = ips.save_checkpoint(tmp_path / "m.pt", model, model.config)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    image = (torch.rand(40, 48) * 255).to(torch.uint8).numpy()
+    Image.fromarray(image).save(folder / "good.png")
+    (folder / "broken.png").write_bytes(b"not a png at all")
+    code = main(
+        [
+            "predict",
+            "--checkpoint",
+            str(ckpt),
+            str(folder),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+            "--no-pictures",
+            "-q",
+        ]
+    )
+    assert code == 1
+    rows = (tmp_path / "out" / "predictions.csv").read_text().splitlines()
+    assert len(rows) == 3 and any("broken.png" in r for r in rows)
+    assert "broken.png" in capsys.readouterr().err

@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 FEATURE_SUFFIXES = frozenset({".h5", ".hdf5", ".npz", ".npy"})  # feature bags
 IMAGE_SUFFIXES = PILLOW_SUFFIXES | TIFF_SUFFIXES | OPENSLIDE_SUFFIXES  # found in folders
 ON_ERROR = ("skip", "fail")
-H5PY_HINT = "reading .h5 feature bags needs: pip install h5py"
+H5PY_HINT = "reading .h5 feature bags needs: pip install 'iterative-patch-selection[features]'"
 
 Input = str | os.PathLike | np.ndarray | Tensor  # a file, a folder, or an image (H, W[, C])
 
