@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -33,6 +32,7 @@ from ips.config import (
     replace_fields,
 )
 from ips.encoders import FeatureProjector, create_encoder
+from ips.files import atomic_write
 from ips.heads import TaskHeads
 from ips.selection import (
     Observer,
@@ -354,16 +354,8 @@ def save_checkpoint(
         "model": model.state_dict(),
         **state,
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        torch.save(payload, f)
     return path
 
 

@@ -32,7 +32,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ import torch
 from torch import Tensor
 
 from ips.config import TaskSpec, replace_fields
+from ips.files import atomic_write
 from ips.heads import predictions, probabilities
 from ips.model import IPSModel, load_model
 from ips.selection import Selection, eval_mode
@@ -892,15 +892,8 @@ def _finite(value: Any) -> float | None:
 
 def _write_atomic(path: Path, data: bytes) -> Path:
     """Write to a temporary file next to ``path``, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as fh:
+        fh.write(data)
     return path
 
 

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -30,6 +29,7 @@ from ips.aggregation import masked_mean_entropy
 from ips.config import Config, TrainConfig, config_from_dict, save_config
 from ips.data.collate import SkipErrors, collate_patches
 from ips.data.registry import build_dataset
+from ips.files import atomic_write
 from ips.heads import compute_loss, predictions, probabilities
 from ips.model import IPSModel, load_checkpoint, save_checkpoint
 
@@ -349,12 +349,10 @@ class RunLogger:
         rows = [r for r in rows if int(r["epoch"]) < int(row["epoch"])]  # resumed: drop reruns
         rows.append({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
         columns = list(dict.fromkeys(k for r in rows for k in r))
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".metrics.", suffix=".csv")
-        with os.fdopen(fd, "w", newline="") as f:
+        with atomic_write(self.path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, self.path)
         if self.writer is not None:
             for key, value in row.items():
                 if key != "epoch" and isinstance(value, (int, float)):

@@ -12,16 +12,16 @@ Every file is written atomically: to a temporary file in the target folder, then
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+
+from ips.files import atomic_write
 
 __all__ = [
     "SCALES",
@@ -798,15 +798,6 @@ def _save_png(fig: Any, out: str | os.PathLike) -> Path:
 def _write_atomic(out: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
     """Call write(file) on a temporary file next to out, then rename it to out."""
     path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; pictures are for sharing
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as fh:
+        write(fh)
     return path

@@ -38,13 +38,14 @@ from __future__ import annotations
 
 import operator
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from ips.files import atomic_write
 
 from .mnist import MnistDigits
 
@@ -281,15 +282,8 @@ def _check_canvas_size(canvas_size: tuple[int, int]) -> tuple[int, int]:
 
 
 def _save_atomic(out: Path, arrays: dict[str, np.ndarray]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            np.savez_compressed(stream, **arrays)
-        os.replace(temp, out)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    with atomic_write(out) as stream:
+        np.savez_compressed(stream, **arrays)
 
 
 class MegapixelMNIST(Dataset):

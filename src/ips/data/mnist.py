@@ -26,11 +26,12 @@ import io
 import logging
 import os
 import socket
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ips.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -262,21 +263,14 @@ def _download(cache: Path) -> MnistDigits | None:
 def _save_npz(file: str | os.PathLike, digits: MnistDigits) -> Path:
     """Write digits as an ``.npz`` with x_train, y_train, x_test, y_test (atomically)."""
     file = Path(file)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            np.savez_compressed(
-                stream,
-                x_train=digits.train_images,
-                y_train=digits.train_labels,
-                x_test=digits.test_images,
-                y_test=digits.test_labels,
-            )
-        os.replace(temp, file)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    with atomic_write(file) as stream:
+        np.savez_compressed(
+            stream,
+            x_train=digits.train_images,
+            y_train=digits.train_labels,
+            x_test=digits.test_images,
+            y_test=digits.test_labels,
+        )
     return file
 
 
