@@ -198,6 +198,30 @@ def test_tile_cache_decodes_each_tile_once(pyramid, monkeypatch):
     assert len(decoded) == 48
 
 
+def test_open_tiff_source_keeps_no_tifffile_pages(pyramid):
+    # tifffile holds per-tile offsets as Python int tuples (~80 bytes per tile): at 250k tiles
+    # that outweighs the patch grid, so an open source keeps numpy copies and closes tifffile
+    import gc
+
+    import tifffile
+
+    source = TiffSource(pyramid.path, patch_size=64)
+    first = source.read([0, 5])
+    gc.collect()
+    alive = [o for o in gc.get_objects() if isinstance(o, (tifffile.TiffFile, tifffile.TiffPage))]
+    assert not any(
+        isinstance(o, tifffile.TiffFile) and Path(o.filehandle.path) == Path(pyramid.path)
+        for o in alive
+    )
+    assert not any(
+        isinstance(o, tifffile.TiffPage) and Path(o.parent.filehandle.path) == Path(pyramid.path)
+        for o in alive
+    )
+    np.testing.assert_array_equal(source.read([0, 5]), first)
+    offsets = source._levels[0].offsets
+    assert isinstance(offsets, np.ndarray) and len(offsets) == (1024 // 128) * (768 // 128)
+
+
 # ---- arrays ----------------------------------------------------------------------------------
 def _expected(image_hwc, coords, p):
     return np.stack([image_hwc[y : y + p, x : x + p].transpose(2, 0, 1) for x, y in coords])

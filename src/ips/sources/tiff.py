@@ -61,7 +61,6 @@ class _Level:
         keyframe = (
             page.keyframe if hasattr(page, "keyframe") and page.keyframe is not None else page
         )
-        self.keyframe = keyframe
         self.width, self.height = int(keyframe.imagewidth), int(keyframe.imagelength)
         self.samples = int(keyframe.samplesperpixel)
         if getattr(keyframe, "imagedepth", 1) > 1:
@@ -93,6 +92,8 @@ class _Level:
             self.seg_w, self.seg_h = self.width, int(min(keyframe.rowsperstrip, self.height))
         self.nx = math.ceil(self.width / self.seg_w)
         self.ny = math.ceil(self.height / self.seg_h)
+        # numpy copies: tifffile holds these as tuples of Python ints (~40 bytes per tile each),
+        # which the open file is closed to release (see TiffSource._open)
         self.offsets = np.asarray(page.dataoffsets, dtype=np.int64)
         self.bytecounts = np.asarray(page.databytecounts, dtype=np.int64)
         per_plane = self.nx * self.ny
@@ -211,7 +212,7 @@ class TiffSource(PatchSource):
         cache_mb: size of the decoded-tile cache (per process), default 64.
     """
 
-    _transient = ("_tif", "_levels", "_cache")
+    _transient = ("_file", "_levels", "_cache")
 
     def __init__(
         self,
@@ -236,7 +237,8 @@ class TiffSource(PatchSource):
         self.background = int(background)
         self._series = int(series)
         self._cache_bytes = int((64 if cache_mb is None else cache_mb) * 2**20)
-        self._tif = self._levels = self._cache = None
+        self._file = self._levels = self._cache = None
+        self._file_mpp: float | None = None
         self._lock = threading.RLock()
         self._opened_pid = None
         with self._lock:
@@ -249,7 +251,7 @@ class TiffSource(PatchSource):
                     raise ValueError(
                         f"pyramid levels have different channel counts {sorted(channels)}"
                     )
-                file_mpp = _tiff_mpp(self._tif, levels[0].keyframe)
+                file_mpp = self._file_mpp
             except Exception as exc:
                 self._release()
                 raise cannot_read(self.path, exc) from None
@@ -272,9 +274,14 @@ class TiffSource(PatchSource):
             self.close()
 
     def _open(self) -> None:
+        """Parse the file once, keep per level what reading needs, then close tifffile.
+
+        tifffile keeps every page's tile offsets and byte counts as tuples of Python ints,
+        about 80 bytes per tile: 20 MiB for a slide of 250,000 tiles. The levels keep numpy
+        copies and the segment decoders instead, and tiles are read through a plain handle.
+        """
         tifffile = require("tifffile")
-        tif = tifffile.TiffFile(self.path)
-        try:
+        with tifffile.TiffFile(self.path) as tif:
             if not tif.series:
                 raise ValueError("no image in file")
             if not 0 <= self._series < len(tif.series):
@@ -282,17 +289,16 @@ class TiffSource(PatchSource):
             series = tif.series[self._series]
             pages = [lv.pages[0] for lv in series.levels]
             levels = [_Level(tif, page, str(self.path), self.background) for page in pages]
-        except Exception:
-            tif.close()
-            raise
+            self._file_mpp = _tiff_mpp(tif, pages[0])
         levels.sort(key=lambda lv: -lv.width * lv.height)
-        self._tif, self._levels = tif, levels
+        self._file = open(self.path, "rb")  # noqa: SIM115 (closed in _release)
+        self._levels = levels
         self._cache = _TileCache(self._cache_bytes)
 
     def _release(self) -> None:
-        if self._tif is not None:
-            self._tif.close()
-        self._tif = self._levels = self._cache = None
+        if self._file is not None:
+            self._file.close()
+        self._file = self._levels = self._cache = None
 
     def _decode_segment(self, level: int, index: int) -> np.ndarray | None:
         """Read and decode one tile or strip. Returns: raw (h, w, S), or None when absent."""
@@ -300,9 +306,10 @@ class TiffSource(PatchSource):
         offset, count = int(lv.offsets[index]), int(lv.bytecounts[index])
         if offset == 0 or count == 0:
             return None
-        fh = self._tif.filehandle
-        fh.seek(offset)
-        data = fh.read(count)
+        self._file.seek(offset)
+        data = self._file.read(count)
+        if len(data) != count:
+            raise ValueError(f"tile {index} of level {level} is truncated")
         segment = lv.decode(data, index, **lv.decode_args)[0]
         if segment is None:
             return None
