@@ -187,6 +187,49 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON line per measurement")
     p.add_argument("--out", help="folder for results.jsonl and memory.png")
     _common(p)
+
+    p = bench.add_parser(
+        "speed",
+        help="IPS training and inference speed against the encoder's compute floor",
+        description="In one process, after warm-up, the median time of: the compute floor "
+        "(the encoder on the distinct patches without gradients at its best batch size, plus "
+        "forward and backward of the B x M selected patches), the IPS training step, "
+        "inference, and the no-selection baseline where it fits; once per speed option "
+        "(variant), so the speed-up of each is measured separately.",
+    )
+    p.add_argument("--config", default="megapixel_mnist", help="YAML file or shipped config name")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set selection.memory_size=50 (repeatable)",
+    )
+    p.add_argument(
+        "--input",
+        choices=["mnist", "dense"],
+        default="mnist",
+        help="mnist: Megapixel MNIST images; dense: random pixels, no patch repeated",
+    )
+    p.add_argument("--mnist", help="MNIST idx folder or .npz (default: $IPS_MNIST, ...)")
+    p.add_argument("--batch-size", type=int, default=16, help="B: images per step")
+    p.add_argument("--canvas", type=int, default=1500, help="image side; N = (canvas // P)^2")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        help="speed options to measure, from: reference channels_last dedup default "
+        "micro_batch bf16 compile (default: all but compile)",
+    )
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions (median)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    p.add_argument("--no-full", action="store_true", help="skip the no-selection baseline")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, auto, ...")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON line per measurement")
+    p.add_argument("--out", help="folder for results.jsonl and table.md")
+    _common(p)
     return parser
 
 
@@ -436,7 +479,58 @@ def cmd_bench_memory(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCH_COMMANDS = {"memory": cmd_bench_memory}
+def cmd_bench_speed(args: argparse.Namespace) -> int:
+    from ips.config import load_config, resolve_config_path
+
+    _check_positive(args, "batch_size", "canvas", "repeats", "threads")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    config = load_config(resolve_config_path(args.config), args.overrides)
+    device = _device(args.device)
+
+    from ips.bench_speed import DEFAULT_VARIANTS, bench_speed, speed_table
+
+    def report(record: dict) -> None:
+        if args.json:
+            print(json.dumps(record), flush=True)
+        log.info(
+            "%s %s: %s s, %s images/s, peak %s MiB%s",
+            record["measure"],
+            record["variant"],
+            record["seconds"],
+            record["images_per_second"],
+            record["peak_mb"],
+            f" ({record['status']})" if record.get("status", "ok") != "ok" else "",
+        )
+
+    records = bench_speed(
+        config,
+        input=args.input,
+        batch_size=args.batch_size,
+        canvas=args.canvas,
+        mnist=args.mnist,
+        variants=args.variants or DEFAULT_VARIANTS,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        full=not args.no_full,
+        device=device,
+        threads=args.threads,
+        seed=args.seed,
+        report=report,
+    )
+    table = speed_table(records)
+    if not args.json:
+        print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        (out / "table.md").write_text(table)
+        log.info("wrote %s and %s", out / "results.jsonl", out / "table.md")
+    return 0
+
+
+BENCH_COMMANDS = {"memory": cmd_bench_memory, "speed": cmd_bench_speed}
 
 COMMANDS = {
     "train": cmd_train,

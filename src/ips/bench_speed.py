@@ -1,0 +1,648 @@
+"""Speed of IPS against its compute floor, measured side by side in one process.
+
+`bench_speed` times, for one configuration (default: the paper's Megapixel MNIST model,
+B = 16 images of N = 900 patches, M = I = 100), after warm-up and as the median of several
+repetitions:
+
+    floor     the encoder alone: every DISTINCT patch of the B x N encoded once without
+              gradients at the encoder's best batch size, plus forward and backward of the
+              B x M selected patches. No selection bookkeeping, no pooling, no optimizer.
+    step      one IPS training step: selection (no gradients), the gradient pass over the M
+              kept patches, pooling, heads, loss, backward, AdamW step.
+    infer     selection + forward, as in prediction.
+    full      the no-selection baseline: all N patches with gradients (M >= N), when its
+              estimated memory fits.
+
+Each of these runs for a list of variants, one speed option changed at a time, so the
+speed-up of every option is measured separately on the same inputs in the same process:
+
+    reference       every patch encoded (no dedup), NCHW memory format, fp32, one encoder
+                    call per chunk: the plain algorithm
+    channels_last   + channels-last memory format for the convolutional encoder
+    dedup           + identical patches of a chunk encoded once (exact in eval mode)
+    default         channels_last + dedup: the shipped fp32 settings
+    micro_batch     default + encoder calls of the floor's best batch size
+    bf16            default + bfloat16 autocast (where the device supports it)
+    compile         default + torch.compile of the encoder (only when asked: slow to build)
+
+Every variant's selection is compared with the reference's (`same_selection`): exact
+equality is expected in fp32, reduced precision may swap near-ties.
+
+Peak memory of each measurement: on CUDA, the allocator's peak above what was allocated
+before; on the CPU, the process's resident high-water mark above the resident memory before
+(reset through `/proc/self/clear_refs`, Linux only; None elsewhere).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import gc
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ips.bench import _hwm_mb, _reset_peak, _rss_mb
+from ips.config import Config, TrainConfig, replace_fields
+from ips.heads import compute_loss
+from ips.model import IPSModel
+from ips.selection import eval_mode
+from ips.train import autocast, build_optimizer
+
+logger = logging.getLogger(__name__)
+
+INPUTS = ("mnist", "dense")
+VARIANTS: dict[str, dict[str, Any]] = {
+    "reference": {"dedup": False, "channels_last": False},
+    "channels_last": {"dedup": False, "channels_last": True},
+    "dedup": {"dedup": True, "channels_last": False},
+    "default": {"dedup": True, "channels_last": True},
+    "micro_batch": {"dedup": True, "channels_last": True, "encoder_batch_size": "best"},
+    "bf16": {"dedup": True, "channels_last": True, "amp": "bf16"},
+    "compile": {"dedup": True, "channels_last": True, "compile": True},
+}
+DEFAULT_VARIANTS = ("reference", "channels_last", "dedup", "default", "micro_batch", "bf16")
+BATCH_SIZES = (16, 32, 64, 128, 256, 512, 1024)  # tried for the floor's best encoder batch
+SPEED_KEYS = ("measure", "variant", "seconds", "images_per_second", "peak_mb")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeedBatch:
+    """The B images every measurement runs on.
+
+    patches: (B, N, C, P, P) uint8 on the CPU.
+    targets: per task, (B,) or (B, classes), on the CPU.
+    grid_shape: (rows, cols) of the patch grid.
+    distinct: number of distinct patches among the B x N.
+    """
+
+    patches: Tensor
+    targets: dict[str, Tensor]
+    grid_shape: tuple[int, int]
+    distinct: int
+
+
+def make_speed_batch(
+    config: Config,
+    *,
+    input: str = "mnist",
+    batch_size: int = 16,
+    canvas: int = 1500,
+    mnist: str | os.PathLike | None = None,
+    seed: int = 0,
+) -> SpeedBatch:
+    """B images cut into the config's patches.
+
+    Args:
+        config: the model config (patch size, channels, tasks).
+        input: "mnist": Megapixel MNIST images (5 digits and 50 noise strokes on a black
+            canvas, so most patches are identical); "dense": uniform random pixels, no
+            patch repeated (the worst case for patch deduplication).
+        batch_size: B.
+        canvas: image side in pixels; N = (canvas // P) ** 2.
+        mnist: MNIST digits for "mnist" (see `ips.data.mnist.load_mnist`).
+        seed: seed of the images and targets.
+    """
+    if input not in INPUTS:
+        raise ValueError(f"input must be one of {INPUTS}, got {input!r}")
+    model = config.model
+    p = model.patch_size
+    if p is None or model.encoder == "features":
+        raise ValueError("bench speed needs a pixel encoder with model.patch_size set")
+    if canvas < p:
+        raise ValueError(f"canvas must be at least model.patch_size = {p}, got {canvas}")
+    g = torch.Generator().manual_seed(seed)
+    if input == "mnist":
+        patches, targets, grid = _mnist_batch(batch_size, canvas, p, mnist, seed)
+        if model.in_channels != 1:
+            patches = patches.expand(-1, -1, model.in_channels, -1, -1).contiguous()
+    else:
+        rows = cols = canvas // p
+        shape = (batch_size, rows * cols, model.in_channels, p, p)
+        patches = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+        grid = (rows, cols)
+        targets = {}
+    targets = {task.name: targets.get(task.name) for task in model.tasks}
+    for task in model.tasks:
+        if targets[task.name] is None:
+            targets[task.name] = _random_target(task, batch_size, g)
+    distinct = len(torch.unique(patches.reshape(-1, patches[0, 0].numel()), dim=0))
+    return SpeedBatch(patches, targets, grid, distinct)
+
+
+def _mnist_batch(
+    batch_size: int, canvas: int, patch_size: int, mnist: Any, seed: int
+) -> tuple[Tensor, dict[str, Tensor], tuple[int, int]]:
+    from ips.data.megapixel_mnist import MegapixelMNIST, generate_megapixel_mnist
+    from ips.data.mnist import load_mnist
+
+    digits = load_mnist(mnist)
+    with tempfile.TemporaryDirectory(prefix="ips-bench-speed-") as tmp:
+        path = generate_megapixel_mnist(
+            Path(tmp) / "mm.npz",
+            digits,
+            num_train=batch_size,
+            num_test=1,
+            canvas_size=(canvas, canvas),
+            seed=seed,
+        )
+        dataset = MegapixelMNIST(path, "train", patch_size=patch_size)
+        items = [dataset[i] for i in range(batch_size)]
+    patches = torch.stack([item["patches"] for item in items])  # (B, N, 1, P, P)
+    targets = {k: torch.stack([item["targets"][k] for item in items]) for k in items[0]["targets"]}
+    return patches, targets, dataset.grid_shape
+
+
+def _random_target(task: Any, batch_size: int, g: torch.Generator) -> Tensor:
+    if task.kind == "multiclass":
+        return torch.randint(0, task.num_classes, (batch_size,), generator=g)
+    if task.kind == "multilabel":
+        return torch.randint(0, 2, (batch_size, task.num_classes), generator=g).float()
+    return torch.randint(0, 2, (batch_size,), generator=g).float()
+
+
+# ---- timing and memory ---------------------------------------------------------------------
+
+
+class _Meter:
+    """Median wall time over repetitions after warm-up, and the peak memory of the timed runs."""
+
+    def __init__(self, device: torch.device, *, warmup: int, repeats: int) -> None:
+        self.device, self.warmup, self.repeats = device, warmup, repeats
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(
+        self, fn: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> tuple[float, float | None]:
+        """Time ``fn(*args, **kwargs)``. Returns: (median seconds, peak MiB above the memory
+        before, or None)."""
+        for _ in range(self.warmup):
+            fn(*args, **kwargs)
+        self._sync()
+        gc.collect()
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+        else:
+            _release_free_heap()
+            base = _rss_mb()
+            reset = _reset_peak() and base > 0
+        times = []
+        for _ in range(self.repeats):
+            start = time.perf_counter()
+            fn(*args, **kwargs)
+            self._sync()
+            times.append(time.perf_counter() - start)
+        if cuda:
+            peak = (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
+        else:
+            peak = _hwm_mb() - base if reset else None
+        return statistics.median(times), None if peak is None else round(peak, 1)
+
+
+def _release_free_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc), so that the next resident high-water
+    mark counts what the next operation allocates, not memory an earlier one left cached."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+# ---- the measured operations ---------------------------------------------------------------
+
+
+def _build_model(
+    config: Config, variant: dict[str, Any], best_batch: int | None, device: torch.device
+) -> IPSModel:
+    batch = variant.get("encoder_batch_size")
+    if batch == "best":
+        batch = best_batch
+    config = replace_fields(
+        config,
+        dedup=variant.get("dedup", True),
+        channels_last=variant.get("channels_last", True),
+        encoder_batch_size=batch,
+        loading="eager",
+    )
+    model = IPSModel(config.model, config.selection).to(device)
+    if variant.get("compile"):
+        model.encoder = torch.compile(model.encoder, dynamic=True)
+    return model
+
+
+def training_step(
+    model: IPSModel,
+    optimizer: torch.optim.Optimizer,
+    batch: SpeedBatch,
+    *,
+    amp: str = "none",
+    seed: int = 0,
+) -> float:
+    """One IPS training step on the batch; returns the loss."""
+    device = model.device
+    targets = {k: v.to(device) for k, v in batch.targets.items()}
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    with autocast(device, amp):
+        out = model(batch.patches, grid_shape=batch.grid_shape, generator=generator)
+    loss, _ = compute_loss(out.logits, targets, model.tasks)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def _inference(model: IPSModel, batch: SpeedBatch, amp: str, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.inference_mode(), eval_mode(model), autocast(model.device, amp):
+        model(batch.patches, grid_shape=batch.grid_shape, generator=generator)
+
+
+def _encoder_input(model: IPSModel, patches: Tensor) -> Tensor:
+    """uint8 patches -> what the encoder itself takes (normalised float, memory format)."""
+    with torch.no_grad():
+        x = patches.to(model.device).float().div_(255.0)
+        if model.normalize_mean is not None:
+            x = (x - model.normalize_mean) / model.normalize_std
+        if model.model_config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _encode_all(encoder: nn.Module, x: Tensor, batch_size: int, amp: str = "none") -> None:
+    with torch.inference_mode(), autocast(x.device, amp):
+        for start in range(0, len(x), batch_size):
+            encoder(x[start : start + batch_size])
+
+
+def _best_batch_size(
+    encoder: nn.Module, x: Tensor, meter: _Meter, amp: str, candidates: Sequence[int]
+) -> tuple[int, dict[int, float]]:
+    """The encoder batch size with the highest no-grad throughput over x."""
+    sample = x[: min(len(x), 2 * max(candidates))]
+    rates = {}
+    quick = _Meter(meter.device, warmup=1, repeats=1)
+    for size in candidates:
+        if size > len(sample) and rates:
+            break
+        seconds, _ = quick(_encode_all, encoder, sample, size, amp)
+        rates[size] = len(sample) / seconds
+    return max(rates, key=rates.get), rates
+
+
+def _grad_pass(encoder: nn.Module, x: Tensor, amp: str, device: torch.device) -> None:
+    encoder.zero_grad(set_to_none=True)
+    with autocast(device, amp):
+        out = encoder(x)
+    out.float().sum().backward()
+
+
+# ---- the benchmark -------------------------------------------------------------------------
+
+
+def bench_speed(
+    config: Config,
+    *,
+    input: str = "mnist",
+    batch_size: int = 16,
+    canvas: int = 1500,
+    mnist: str | os.PathLike | None = None,
+    variants: Sequence[str] = DEFAULT_VARIANTS,
+    repeats: int = 3,
+    warmup: int = 1,
+    full: bool = True,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+    seed: int = 0,
+    report: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Measure floor, step, inference and the full baseline for each variant.
+
+    Args:
+        config: model and selection settings (the variants change dedup, memory format,
+            encoder batch size, precision, compilation).
+        input: "mnist" or "dense" (see `make_speed_batch`).
+        batch_size: B.
+        canvas: image side; N = (canvas // P) ** 2.
+        mnist: MNIST digits for the "mnist" input.
+        variants: names from `VARIANTS`.
+        repeats: timed repetitions (the median is reported).
+        warmup: untimed runs before them.
+        full: also measure the no-selection baseline where its memory fits.
+        device: where to compute.
+        threads: torch CPU threads (default: torch's own choice).
+        seed: seed of the inputs, weights and selection order.
+        report: called with each record as soon as it is measured.
+
+    Returns:
+        Records (dicts), each with at least `SPEED_KEYS`: measure ("floor", "step",
+        "infer", "full", "summary"), variant, seconds (median), images_per_second, peak_mb;
+        summary records add the ratios step / floor and full / step.
+    """
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"variants: unknown {unknown}; choose from {sorted(VARIANTS)}")
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    device = torch.device(device)
+    records: list[dict[str, Any]] = []
+    batch = make_speed_batch(
+        config, input=input, batch_size=batch_size, canvas=canvas, mnist=mnist, seed=seed
+    )
+    B, N = batch.patches.shape[:2]
+    M = config.selection.memory_size
+    common = {
+        "input": input,
+        "batch_size": B,
+        "num_patches": N,
+        "memory_size": M,
+        "chunk_size": config.selection.chunk_size,
+        "distinct_patches": batch.distinct,
+        "encoder": config.model.encoder,
+        "patch_size": config.model.patch_size,
+        "device": _device_name(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    meter = _Meter(device, warmup=warmup, repeats=repeats)
+
+    def emit(record: dict[str, Any]) -> dict[str, Any]:
+        record = {**record, **common}
+        records.append(record)
+        if report is not None:
+            report(record)
+        return record
+
+    def rate(seconds: float | None) -> float | None:
+        return None if not seconds else round(B / seconds, 3)
+
+    # the floor, once per precision: distinct patches without gradients + B x M with them
+    floors: dict[str, dict[str, Any]] = {}
+    best_batch: int | None = None
+    reference_ids: Tensor | None = None
+    precisions = ["none"] + sorted({VARIANTS[v].get("amp", "none") for v in variants} - {"none"})
+    torch.manual_seed(seed)
+    probe = _build_model(config, VARIANTS["default"], None, device)
+    state = {k: v.clone() for k, v in probe.state_dict().items()}
+    flat = batch.patches.reshape(B * N, *batch.patches.shape[2:])
+    distinct = torch.unique(flat.reshape(B * N, -1), dim=0).view(-1, *flat.shape[1:])
+    selected = probe.select(
+        batch.patches, grid_shape=batch.grid_shape, generator=torch.Generator().manual_seed(seed)
+    )
+    kept = batch.patches[torch.arange(B)[:, None], selected.ids].reshape(-1, *flat.shape[1:])
+    for amp in precisions:
+        if not _amp_supported(amp, device):
+            continue
+        encoder = probe.encoder.eval()
+        x = _encoder_input(probe, distinct)
+        size, rates = _best_batch_size(encoder, x, meter, amp, BATCH_SIZES)
+        if amp == "none":
+            best_batch = size
+        no_grad_s, no_grad_peak = meter(_encode_all, encoder, x, size, amp)
+        encoder.train()
+        xk = _encoder_input(probe, kept)
+        grad_s, grad_peak = meter(_grad_pass, encoder, xk, amp, device)
+        encoder.zero_grad(set_to_none=True)
+        del x, xk
+        seconds = no_grad_s + grad_s
+        floors[amp] = emit(
+            {
+                "measure": "floor",
+                "variant": "fp32" if amp == "none" else amp,
+                "amp": amp,
+                "seconds": round(seconds, 4),
+                "images_per_second": rate(seconds),
+                "peak_mb": _max(no_grad_peak, grad_peak),
+                "no_grad_seconds": round(no_grad_s, 4),
+                "grad_seconds": round(grad_s, 4),
+                "best_encoder_batch_size": size,
+                "encoder_patches_per_second": {str(k): round(v, 1) for k, v in rates.items()},
+            }
+        )
+    del probe
+
+    steps: dict[str, float] = {}
+    for name in variants:
+        variant = VARIANTS[name]
+        amp = variant.get("amp", "none")
+        if not _amp_supported(amp, device):
+            emit(
+                {
+                    "measure": "step",
+                    "variant": name,
+                    "seconds": None,
+                    "images_per_second": None,
+                    "peak_mb": None,
+                    "status": f"skipped: {amp} is not supported on {device}",
+                }
+            )
+            continue
+        model = _build_model(config, variant, best_batch, device)
+        model.load_state_dict(state)
+        ids = model.select(
+            batch.patches,
+            grid_shape=batch.grid_shape,
+            generator=torch.Generator().manual_seed(seed),
+        ).ids
+        if reference_ids is None:
+            reference_ids = ids
+        same = bool(torch.equal(ids, reference_ids))
+        train_cfg = TrainConfig(lr=1e-4, warmup_epochs=0, epochs=1, amp=amp)
+        optimizer, _ = build_optimizer(model, train_cfg, steps_per_epoch=1)
+        step_s, step_peak = meter(training_step, model, optimizer, batch, amp=amp, seed=seed)
+        infer_s, infer_peak = meter(_inference, model, batch, amp, seed)
+        steps[name] = step_s
+        emit(
+            {
+                "measure": "step",
+                "variant": name,
+                "amp": amp,
+                "seconds": round(step_s, 4),
+                "images_per_second": rate(step_s),
+                "peak_mb": step_peak,
+                "same_selection": same,
+                "encoder_batch_size": model.selection_config.encoder_batch_size,
+            }
+        )
+        emit(
+            {
+                "measure": "infer",
+                "variant": name,
+                "amp": amp,
+                "seconds": round(infer_s, 4),
+                "images_per_second": rate(infer_s),
+                "peak_mb": infer_peak,
+                "same_selection": same,
+            }
+        )
+        del model, optimizer
+        gc.collect()
+
+    full_record = None
+    if full:
+        full_record = emit(_measure_full(config, batch, state, device, meter, floors, seed))
+
+    for name, seconds in steps.items():
+        amp = VARIANTS[name].get("amp", "none")
+        floor = floors.get(amp)
+        full_s = full_record.get("seconds") if full_record else None
+        emit(
+            {
+                "measure": "summary",
+                "variant": name,
+                "seconds": round(seconds, 4),
+                "images_per_second": rate(seconds),
+                "peak_mb": None,
+                "step_over_floor": _ratio(seconds, floor["seconds"] if floor else None),
+                "full_over_step": _ratio(full_s, seconds),
+                "speedup_over_reference": _ratio(steps.get("reference"), seconds),
+            }
+        )
+    return records
+
+
+def _measure_full(
+    config: Config,
+    batch: SpeedBatch,
+    state: dict[str, Tensor],
+    device: torch.device,
+    meter: _Meter,
+    floors: dict[str, dict[str, Any]],
+    seed: int,
+) -> dict[str, Any]:
+    """The no-selection baseline: all N patches per image with gradients (M >= N)."""
+    B, N = batch.patches.shape[:2]
+    M = config.selection.memory_size
+    record: dict[str, Any] = {
+        "measure": "full",
+        "variant": "default",
+        "seconds": None,
+        "images_per_second": None,
+        "peak_mb": None,
+    }
+    floor = floors.get("none")
+    if floor and floor.get("peak_mb"):
+        # activations grow linearly with the patches encoded with gradients (B x M in the floor)
+        needed = floor["peak_mb"] * N / max(M, 1)
+        available = _available_mb(device)
+        record["estimated_mb"] = round(needed, 1)
+        if available is not None and needed > 0.6 * available:
+            record["status"] = (
+                f"skipped: needs about {needed:,.0f} MiB, {available:,.0f} MiB available"
+            )
+            return record
+    full_config = replace_fields(config, memory_size=N, chunk_size=N)
+    model = _build_model(full_config, VARIANTS["default"], None, device)
+    model.load_state_dict(state)
+    optimizer, _ = build_optimizer(model, TrainConfig(lr=1e-4, warmup_epochs=0, epochs=1), 1)
+    seconds, peak = meter(training_step, model, optimizer, batch, seed=seed)
+    record.update(
+        seconds=round(seconds, 4),
+        images_per_second=round(B / seconds, 3),
+        peak_mb=peak,
+        status="ok",
+    )
+    return record
+
+
+def _amp_supported(amp: str, device: torch.device) -> bool:
+    if amp == "none":
+        return True
+    if amp == "fp16":
+        return device.type == "cuda"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return True  # bf16 autocast runs on every CPU; it is fast only with native bf16 units
+
+
+def _available_mb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 2**20
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**10
+    except OSError:
+        pass
+    return None
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if not a or not b else round(a / b, 3)
+
+
+def _max(*values: float | None) -> float | None:
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
+
+
+# ---- reporting -----------------------------------------------------------------------------
+
+
+def speed_table(records: Sequence[dict[str, Any]]) -> str:
+    """A markdown table of the records: one row per measurement, ratios in the summary rows."""
+
+    def cell(value: Any, digits: int = 2) -> str:
+        if value is None:
+            return "–"
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        if isinstance(value, float):
+            return f"{value:,.{digits}f}"
+        return str(value)
+
+    head = (
+        "measure",
+        "variant",
+        "s",
+        "images/s",
+        "peak MiB",
+        "same selection",
+        "step / floor",
+        "full / step",
+        "speed-up vs reference",
+    )
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        seconds = r.get("seconds")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["measure"],
+                    str(r["variant"]),
+                    cell(seconds, 3) if seconds is not None else r.get("status", "–"),
+                    cell(r.get("images_per_second")),
+                    cell(r.get("peak_mb"), 1),
+                    cell(r.get("same_selection")),
+                    cell(r.get("step_over_floor")),
+                    cell(r.get("full_over_step")),
+                    cell(r.get("speedup_over_reference")),
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,230 @@
+"""The speed benchmark (`ips bench speed`) and the speed options it compares."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import SHARED_DATA
+from ips.bench_speed import (
+    SPEED_KEYS,
+    VARIANTS,
+    bench_speed,
+    make_speed_batch,
+    speed_table,
+    training_step,
+)
+from ips.cli import main
+from ips.config import Config, replace_fields
+from ips.model import create_model
+
+MNIST = SHARED_DATA / "mnist.npz"
+TINY_SPEED = dict(
+    encoder="resnet18_2blocks",
+    in_channels=1,
+    patch_size=16,
+    embed_dim=16,
+    num_heads=2,
+    head_dim=8,
+    mlp_dim=32,
+    dropout=0.0,
+    memory_size=6,
+    chunk_size=10,
+    tasks={"majority": {"kind": "multiclass", "num_classes": 10}, "flag": {"kind": "binary"}},
+)
+FP32_OPTIONS = [
+    dict(dedup=False, channels_last=False),
+    dict(dedup=False, channels_last=True),
+    dict(dedup=True, channels_last=False),
+    dict(dedup=True, channels_last=True),
+    dict(dedup=True, channels_last=True, encoder_batch_size=3),
+]
+
+
+def _config(**overrides) -> Config:
+    return replace_fields(Config(), **{**TINY_SPEED, **overrides})
+
+
+@pytest.fixture(scope="module")
+def mnist_batch():
+    if not MNIST.is_file():
+        pytest.skip(f"{MNIST} not present")
+    return make_speed_batch(_config(), input="mnist", batch_size=2, canvas=160, mnist=MNIST)
+
+
+def _select(options: dict, batch, amp: str = "none"):
+    torch.manual_seed(0)
+    reference = create_model(_config())
+    model = create_model(_config(**options))
+    model.load_state_dict(reference.state_dict())
+    dtype = torch.bfloat16 if amp == "bf16" else None
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        return model.select(
+            batch.patches,
+            grid_shape=batch.grid_shape,
+            generator=torch.Generator().manual_seed(0),
+        )
+
+
+def test_mnist_batch_has_repeated_patches_and_dense_has_none(mnist_batch):
+    B, N = mnist_batch.patches.shape[:2]
+    assert (B, N) == (2, (160 // 16) ** 2)
+    assert mnist_batch.patches.dtype == torch.uint8
+    assert mnist_batch.distinct < B * N  # black canvas: one patch repeated many times
+    assert set(mnist_batch.targets) == {"majority", "flag"}
+    dense = make_speed_batch(_config(), input="dense", batch_size=2, canvas=64)
+    assert dense.distinct == 2 * 16
+
+
+@pytest.mark.parametrize("options", FP32_OPTIONS, ids=lambda o: "-".join(map(str, o.values())))
+def test_every_fp32_speed_option_selects_exactly_the_same_patches(mnist_batch, options):
+    plain = _select(dict(dedup=False, channels_last=False), mnist_batch)
+    faster = _select(options, mnist_batch)
+    assert torch.equal(faster.ids, plain.ids)
+    torch.testing.assert_close(faster.scores, plain.scores, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_selection_keeps_most_of_the_fp32_selection(mnist_batch):
+    # stated tolerance: at least 80% of the kept patches agree with fp32 and the scores of the
+    # patches both keep differ by at most 0.05 (bf16 has 8 bits of mantissa)
+    fp32 = _select(dict(), mnist_batch)
+    bf16 = _select(dict(), mnist_batch, amp="bf16")
+    for b in range(len(fp32.ids)):
+        a, c = fp32.ids[b].tolist(), bf16.ids[b].tolist()
+        assert len(set(a) & set(c)) >= 0.8 * len(a)
+        common = set(a) & set(c)
+        for i in common:
+            assert abs(fp32.scores[b, a.index(i)] - bf16.scores[b, c.index(i)]) <= 0.05
+
+
+@pytest.mark.parametrize("variant", ["reference", "default", "micro_batch", "bf16"])
+def test_every_variant_trains(mnist_batch, variant):
+    options = {k: v for k, v in VARIANTS[variant].items() if k in ("dedup", "channels_last")}
+    if VARIANTS[variant].get("encoder_batch_size"):
+        options["encoder_batch_size"] = 4
+    torch.manual_seed(0)
+    model = create_model(_config(**options))
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    loss = training_step(model, optimizer, mnist_batch, amp=VARIANTS[variant].get("amp", "none"))
+    assert torch.isfinite(torch.tensor(loss))
+    changed = [k for k, v in model.named_parameters() if not torch.equal(v, before[k])]
+    assert any(k.startswith("encoder.") for k in changed)
+    assert any(k.startswith("pool.") for k in changed)
+
+
+def test_bench_speed_measures_floor_step_inference_and_baseline(mnist_batch):
+    records = bench_speed(
+        _config(),
+        input="mnist",
+        batch_size=2,
+        canvas=160,
+        mnist=MNIST,
+        variants=["reference", "default"],
+        repeats=1,
+        warmup=0,
+        threads=1,
+    )
+    by = {(r["measure"], r["variant"]): r for r in records}
+    assert set(by) == {
+        ("floor", "fp32"),
+        ("step", "reference"),
+        ("infer", "reference"),
+        ("step", "default"),
+        ("infer", "default"),
+        ("full", "default"),
+        ("summary", "reference"),
+        ("summary", "default"),
+    }
+    for record in records:
+        assert set(SPEED_KEYS) <= set(record)
+        assert record["num_patches"] == 100 and record["batch_size"] == 2
+        assert record["torch"] == torch.__version__
+    for key in [("floor", "fp32"), ("step", "default"), ("infer", "default"), ("full", "default")]:
+        assert by[key]["seconds"] > 0
+        assert by[key]["images_per_second"] == pytest.approx(2 / by[key]["seconds"], rel=1e-2)
+    floor = by["floor", "fp32"]
+    assert floor["seconds"] == pytest.approx(
+        floor["no_grad_seconds"] + floor["grad_seconds"], abs=1e-3
+    )
+    assert floor["best_encoder_batch_size"] in {int(k) for k in floor["encoder_patches_per_second"]}
+    assert by["step", "default"]["same_selection"] is True
+    summary = by["summary", "default"]
+    assert summary["step_over_floor"] == pytest.approx(
+        by["step", "default"]["seconds"] / floor["seconds"], rel=1e-2
+    )
+    assert summary["full_over_step"] == pytest.approx(
+        by["full", "default"]["seconds"] / by["step", "default"]["seconds"], rel=1e-2
+    )
+    assert by["summary", "reference"]["speedup_over_reference"] == 1.0
+    table = speed_table(records)
+    assert table.count("\n") == len(records) + 2 and "| step | default |" in table
+
+
+def test_bench_speed_command_writes_json_lines_and_a_table(tmp_path, capsys):
+    code = main(
+        [
+            "bench",
+            "speed",
+            "--config",
+            "megapixel_mnist",
+            "--set",
+            "model.patch_size=16",
+            "--set",
+            "model.embed_dim=16",
+            "--set",
+            "model.num_heads=2",
+            "--set",
+            "selection.memory_size=4",
+            "--set",
+            "selection.chunk_size=4",
+            "--input",
+            "dense",
+            "--canvas",
+            "48",
+            "--batch-size",
+            "2",
+            "--variants",
+            "default",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--no-full",
+            "--threads",
+            "1",
+            "--json",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["measure"], r["variant"]) for r in lines] == [
+        ("floor", "fp32"),
+        ("step", "default"),
+        ("infer", "default"),
+        ("summary", "default"),
+    ]
+    assert all(r["num_patches"] == 9 and r["input"] == "dense" for r in lines)
+    saved = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert saved == lines
+    assert "| summary | default |" in (tmp_path / "table.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["--variants", "fastest"], "variants"),
+        (["--repeats", "0"], "--repeats"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--set", "selection.memory_size=0"], "memory_size"),
+    ],
+)
+def test_bad_speed_arguments_exit_2_with_one_line_naming_the_option(capsys, argv, option):
+    code = main(["bench", "speed", "--input", "dense", "--canvas", "48", *argv])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ips: error:") and option in err[0]
