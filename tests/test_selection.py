@@ -11,7 +11,7 @@ from torch import nn
 import ips
 from conftest import random_patches
 from ips.aggregation import CrossAttentionPool
-from ips.selection import eval_mode, select_patches
+from ips.selection import content_keys, eval_mode, identical_groups, select_patches
 
 F_DIM, D = 6, 8
 
@@ -262,6 +262,35 @@ def test_encoding_each_distinct_patch_once_gives_the_same_selection(tiny):
         results.append(model.select(patches, generator=torch.Generator().manual_seed(2)))
     assert torch.equal(results[0].ids, results[1].ids)
     assert torch.allclose(results[0].scores, results[1].scores, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_identical_groups_are_exact_and_keep_the_first_copy(dtype):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(0, 4, (7, 1, 2, 2), generator=g).to(dtype)  # few values: many repeats
+    patches = base[torch.randint(0, 7, (40,), generator=g)]
+    first, inverse = identical_groups(patches)
+    assert torch.equal(patches[first][inverse], patches)
+    flat = patches.flatten(1)
+    assert len(first) == len(torch.unique(flat, dim=0))
+    for group, index in enumerate(first.tolist()):  # the first copy in patch order
+        same = (flat == flat[index]).all(1).nonzero().flatten()
+        assert int(same.min()) == index and torch.all(inverse[same] == group)
+
+
+def test_content_keys_are_equal_exactly_for_equal_patches():
+    g = torch.Generator().manual_seed(1)
+    patches = torch.randint(0, 3, (30, 1, 2, 2), generator=g, dtype=torch.uint8)
+    valid = torch.ones(3, 10, dtype=torch.bool)
+    valid[2, 5:] = False
+    raw = patches[valid.flatten()]
+    keys = content_keys(raw, valid)
+    flat = raw.flatten(1)
+    same_content = (flat[:, None] == flat[None]).all(-1)
+    assert torch.equal(keys[valid][:, None] == keys[valid][None], same_content)
+    assert len(set(keys[~valid].tolist()) | set(keys[valid].tolist())) == len(
+        set(keys[valid].tolist())
+    ) + int((~valid).sum())  # padded entries collide with nothing
 
 
 def _prefers_blank(x: torch.Tensor) -> torch.Tensor:
