@@ -49,3 +49,16 @@ def random_targets(b: int, seed: int = 0) -> dict[str, torch.Tensor]:
         "tumour": torch.randint(0, 2, (b,), generator=g).float(),
         "labels": torch.randint(0, 2, (b, 4), generator=g).float(),
     }
+
+
+def random_digits(seed: int = 0):
+    """Noise in place of MNIST digits (40 train, 20 test, every class): enough to write a tiny
+    Megapixel MNIST file without reading MNIST."""
+    import numpy as np
+
+    from ips.data.mnist import MnistDigits
+
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (60, 28, 28), dtype=np.uint8)
+    labels = np.arange(60, dtype=np.int64) % 10
+    return MnistDigits(images[:40], labels[:40], images[40:], labels[40:], source="noise")

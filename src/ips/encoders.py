@@ -9,6 +9,7 @@ Builders are registered by name and take only architecture arguments::
 from __future__ import annotations
 
 import logging
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -115,7 +116,16 @@ def _load_state_dict(path: str) -> dict[str, Tensor]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"model.pretrained: weights file {file} not found")
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)  # data only, never code
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"model.pretrained: {file} holds more than tensors and plain data; refused, "
+            "since unpickling it could run code"
+        ) from None
+    except Exception as err:
+        reason = str(err).strip().split("\n")[0][:200] or type(err).__name__
+        raise ValueError(f"model.pretrained: cannot read {file} as weights ({reason})") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -129,7 +139,14 @@ def _resnet(arch: str, *, blocks: int, in_channels: int, embed_dim: int, pretrai
     builder = getattr(torchvision.models, arch)
     if pretrained is True:
         weights = torchvision.models.get_model_weights(builder).DEFAULT
-        resnet = builder(weights=weights)  # downloads once into the torch hub cache
+        resnet = builder(weights=None)
+        # fetched here rather than by builder(weights=...), which unpickles the download with
+        # weights_only=False; torch.hub downloads once into its cache over HTTPS (certificates
+        # checked) and check_hash verifies the SHA-256 prefix in the file name
+        state = torch.hub.load_state_dict_from_url(
+            weights.url, progress=False, check_hash=True, weights_only=True
+        )
+        resnet.load_state_dict(state)
     else:
         resnet = builder(weights=None)
         if pretrained:

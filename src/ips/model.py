@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
+import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -194,11 +197,12 @@ class IPSModel(nn.Module):
         device = self.device
         patches, mask = self._place(patches, mask, device, sel.loading == "eager")
 
-        def score(emb: Tensor, ids: Tensor, valid: Tensor) -> Tensor:
-            pos = self.positional(ids, _grid_positions(ids, grid_shape, patches))
-            return self.pool.scores(emb if pos is None else emb + pos.to(emb.dtype), valid)
-
         def run(images: Tensor | Sequence[Any], image_mask: Tensor | None) -> Selection:
+            def score(emb: Tensor, ids: Tensor, valid: Tensor) -> Tensor:
+                # positions of `images`: one image at a time in eager_sequential mode
+                pos = self.positional(ids, self._positions(ids, grid_shape, images))
+                return self.pool.scores(emb if pos is None else emb + pos.to(emb.dtype), valid)
+
             return select_patches(
                 images,
                 encode=self.embed,
@@ -269,7 +273,7 @@ class IPSModel(nn.Module):
         valid = selection.mask.to(device)
         emb = embed_valid(self.embed, raw, selection.mask)  # (B, K, D), with gradients
         ids = selection.ids.to(device)
-        pos = self.positional(ids, _grid_positions(ids, grid_shape, patches))
+        pos = self.positional(ids, self._positions(ids, grid_shape, patches))
         if pos is not None:
             emb = emb + pos.to(emb.dtype)
         pooled, weights = self.pool(emb, valid)  # (B, T, D), (B, H, T, K)
@@ -279,6 +283,14 @@ class IPSModel(nn.Module):
         if selected_all:  # no selection pass ran: report the pooling attention
             scores = attention.detach().mean(1).float()
         return IPSOutput(logits, attention, selection.ids, scores, selection.mask)
+
+    def _positions(
+        self, ids: Tensor, grid_shape: tuple[int, int] | None, patches: Tensor | Sequence[Any]
+    ) -> Tensor | None:
+        """(B, K, 2) grid positions of ids (B, K) for 2-D encodings; None otherwise."""
+        if self.model_config.pos_enc != "2d":
+            return None
+        return _grid_positions(ids, grid_shape, patches)
 
     @staticmethod
     def _place(
@@ -360,18 +372,67 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """Read a checkpoint as data (``weights_only=True``: it never runs code from the file)."""
+    """Read a checkpoint as data (``weights_only=True``: it never runs code from the file).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: one line naming the file: not a checkpoint, truncated, or a pickle that
+            holds Python objects other than tensors and plain data (refused, never run).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # unpickling errors carry long messages; keep the first line
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path}: not a loadable ips checkpoint ({reason})") from None
+        with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files
+            warnings.simplefilter("ignore", UserWarning)
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:  # the safe unpickler met something not plain data
+        found = re.search(
+            r"WeightsUnpickler error:\s*([^\n]*?)(?: was not an allowed|\n|$)", str(err)
+        )
+        detail = (
+            found.group(1).strip() if found and found.group(1).strip() else _first_sentence(err)
+        )
+        raise ValueError(
+            f"{path}: refused to load: the file is a pickle the safe loader does not accept "
+            f"({detail}); loading it unsafely could run code from it"
+        ) from None
+    except Exception as err:
+        reason = "the file is empty" if path.stat().st_size == 0 else _first_sentence(err)
+        raise ValueError(
+            f"{path}: not a readable checkpoint ({reason}); expected a file written by "
+            "ips train or ips.save_checkpoint"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not an ips checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
+    missing = [key for key in ("config", "model") if key not in payload]
+    if missing:
+        raise ValueError(f"{path}: the checkpoint lacks {' and '.join(missing)}")
     return payload
+
+
+def _first_sentence(err: BaseException) -> str:
+    """``KeyError: '101'``: the error's type and the first sentence of its message."""
+    text = " ".join(str(err).split())
+    text = re.split(r"(?<=\.) ", text, maxsplit=1)[0]
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _weights_mismatch(expected: dict[str, Tensor], found: Any) -> str | None:
+    """The first difference between the state dict a config builds and a stored one."""
+    if not isinstance(found, dict):
+        return f"expected a state dict, got {type(found).__name__}"
+    problems = [f"{k} is missing" for k in expected if k not in found]
+    problems += [f"{k} is not part of the configured model" for k in found if k not in expected]
+    problems += [
+        f"{k} has shape {tuple(found[k].shape)}, the config builds {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in found and isinstance(found[k], Tensor) and found[k].shape != v.shape
+    ]
+    if not problems:
+        return None
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return problems[0] + more
 
 
 def load_model(path: str | os.PathLike, *, map_location: Any = "cpu", **overrides: Any) -> IPSModel:
@@ -387,11 +448,13 @@ def load_model(path: str | os.PathLike, *, map_location: Any = "cpu", **override
         raise ValueError(f"{path}: incompatible checkpoint config ({err})") from None
     config = replace_fields(config, **overrides)
     model = IPSModel(dataclasses.replace(config.model, pretrained=False), config.selection)
-    try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise ValueError(f"{path}: weights do not fit the stored config ({first})") from None
+    problem = _weights_mismatch(model.state_dict(), payload["model"])
+    if problem is not None:
+        raise ValueError(
+            f"{path}: the weights do not fit the checkpoint's config "
+            f"(encoder {config.model.encoder!r}): {problem}"
+        )
+    model.load_state_dict(payload["model"])
     if isinstance(map_location, (str, torch.device)):
         model = model.to(map_location)
     return model

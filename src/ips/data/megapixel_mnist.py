@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import operator
 import os
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -319,6 +320,7 @@ class MegapixelMNIST(Dataset):
     """
 
     tasks = TASKS
+    channels = 1  # C: grey images
 
     def __init__(
         self,
@@ -360,11 +362,25 @@ class MegapixelMNIST(Dataset):
                 f"Megapixel MNIST file {self.path} lacks array {error}; "
                 "expected a file written by generate_megapixel_mnist"
             ) from None
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as error:
+            if str(self.path) in str(error):
+                raise
+            reason = " ".join(str(error).split()) or type(error).__name__
+            if not zipfile.is_zipfile(self.path):  # numpy would guess "a pickle"
+                reason = "not a zip archive"
+            raise ValueError(
+                f"Megapixel MNIST file {self.path}: cannot read it as an .npz of plain arrays "
+                f"({reason[:200]}); expected a file written by generate_megapixel_mnist"
+            ) from None
 
         self.canvas_size: tuple[int, int] = (height, width)
+        self._check_contents()
         stride = patch_size if stride is None else stride
         if not 1 <= patch_size <= min(height, width):
-            raise ValueError(f"patch_size must lie in 1..{min(height, width)}, got {patch_size}")
+            raise ValueError(
+                f"patch_size must lie in 1..{min(height, width)} (the images of {self.path} "
+                f"are {height} x {width}), got {patch_size}"
+            )
         if stride < 1:
             raise ValueError(f"stride must be >= 1, got {stride}")
         self.patch_size = patch_size
@@ -387,6 +403,31 @@ class MegapixelMNIST(Dataset):
                     f"indices must lie in 0..{num_images - 1} for the {split} split of "
                     f"{self.path}, got {self.image_ids.min()}..{self.image_ids.max()}"
                 )
+
+    def _check_contents(self) -> None:
+        """Fail early, naming the array, when the file describes images that cannot be drawn
+        or labels outside the tasks' classes (a damaged or hand-made file)."""
+        height, width = self.canvas_size
+        count = len(self._digit_ids)
+        checks = [
+            ("digit_ids", self._digit_ids, 0, len(self._digit_bitmaps) - 1, (count, 5)),
+            ("noise_ids", self._noise_ids, 0, len(self._noise_templates) - 1, None),
+            ("digit_positions", self._digit_positions[..., 0], 0, height - DIGIT_SIZE, None),
+            ("digit_positions", self._digit_positions[..., 1], 0, width - DIGIT_SIZE, None),
+            ("noise_positions", self._noise_positions[..., 0], 0, height - DIGIT_SIZE, None),
+            ("noise_positions", self._noise_positions[..., 1], 0, width - DIGIT_SIZE, None),
+        ]
+        for task, (kind, classes) in TASKS.items():
+            shape = (count, classes) if kind == "multilabel" else (count,)
+            high = 1 if kind == "multilabel" else classes - 1
+            checks.append((f"target_{task}", self._targets[task], 0, high, shape))
+        for name, values, low, high, shape in checks:
+            where = f"Megapixel MNIST file {self.path}: {self.split}_{name}"
+            if shape is not None and values.shape != shape:
+                raise ValueError(f"{where} must have shape {shape}, found {values.shape}")
+            if values.size and (values.min() < low or values.max() > high):
+                bad = values[(values < low) | (values > high)].reshape(-1)[0]
+                raise ValueError(f"{where} must lie in {low}..{high}, found {bad}")
 
     def __len__(self) -> int:
         return len(self.image_ids)

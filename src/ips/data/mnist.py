@@ -4,7 +4,7 @@
 
 1. ``path`` (or ``$IPS_MNIST``): a folder with the four standard idx files, or an ``.npz``;
 2. ``mnist.npz`` in the user cache (``cache_dir``, ``$IPS_CACHE`` or ``~/.cache/ips``);
-3. a download through torchvision into the cache (when ``download`` is true);
+3. a download into the cache (when ``download`` is true): HTTPS, SHA-256 checked;
 4. scikit-learn's bundled 8 x 8 digits, upscaled to 28 x 28 (with a warning: not MNIST).
 
 Accepted layouts for a given path::
@@ -20,18 +20,15 @@ The idx files may also sit in ``MNIST/raw/`` below the folder (torchvision's lay
 
 from __future__ import annotations
 
-import contextlib
 import gzip
-import io
 import logging
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ips.files import atomic_write
+from ips.files import atomic_write, download, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +44,24 @@ IDX_FILES = {
 }
 _IDX_MAGIC = {3: 2051, 1: 2049}  # number of dimensions -> magic number of an idx file of uint8
 _DOWNLOAD_TIMEOUT_S = 20.0  # per network operation, so a blocked network fails quickly
+MNIST_MIRRORS = (  # HTTPS only
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",  # torchvision's
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",  # TensorFlow's
+)
+MNIST_SHA256 = {  # the files as LeCun and Cortes distribute them
+    "train-images-idx3-ubyte.gz": (
+        "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"
+    ),
+    "train-labels-idx1-ubyte.gz": (
+        "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"
+    ),
+    "t10k-images-idx3-ubyte.gz": (
+        "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"
+    ),
+    "t10k-labels-idx1-ubyte.gz": (
+        "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"
+    ),
+}
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,7 +108,7 @@ def load_mnist(
             ``$IPS_MNIST``. A given path must exist and hold MNIST; there is no fallback then.
         cache_dir: where ``mnist.npz`` is cached and downloads go. Defaults to ``$IPS_CACHE``,
             else ``~/.cache/ips``.
-        download: try torchvision's MNIST download when nothing is found locally.
+        download: download MNIST (HTTPS, SHA-256 checked) when nothing is found locally.
 
     Returns:
         MnistDigits with images (n, 28, 28) uint8 and labels (n,) int64 per split.
@@ -229,29 +244,35 @@ def _from_arrays(
 
 
 def _download(cache: Path) -> MnistDigits | None:
-    """Download MNIST with torchvision into `cache`, save `mnist.npz`; None when that fails."""
-    log.info("downloading MNIST to %s", cache)
-    output = io.StringIO()  # torchvision prints its progress; the library stays quiet
-    previous_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)  # torchvision's urlopen has no timeout
-    try:
-        from torchvision.datasets import MNIST
+    """Download the four idx files into ``cache/MNIST/raw`` and save ``mnist.npz``; None when
+    that fails.
 
-        with contextlib.redirect_stdout(output):
-            train = MNIST(root=cache, train=True, download=True)
-            test = MNIST(root=cache, train=False, download=True)
-        digits = _from_arrays(
-            train.data.numpy(),
-            train.targets.numpy(),
-            test.data.numpy(),
-            test.targets.numpy(),
-            source=f"MNIST downloaded to {cache}",
-        )
-    except Exception as error:  # no network, no torchvision, a broken mirror: fall back
-        log.debug("MNIST download failed: %s", " ".join(f"{error} {output.getvalue()}".split()))
+    Every file comes over HTTPS with certificates checked and must match its SHA-256
+    (`MNIST_SHA256`) before it is kept; a file already there is checked the same way. (Not
+    torchvision's MNIST class: it verifies MD5 sums, but keeps a plain-HTTP mirror and retries
+    a failed HTTPS download over HTTP.)
+    """
+    raw = cache / "MNIST" / "raw"
+    log.info("downloading MNIST to %s", raw)
+    try:
+        for name, sha256 in MNIST_SHA256.items():
+            target = raw / name
+            if target.is_file() and sha256_of(target) == sha256:
+                continue
+            errors = []
+            for mirror in MNIST_MIRRORS:
+                try:
+                    download(mirror + name, target, sha256, timeout=_DOWNLOAD_TIMEOUT_S)
+                    break
+                except (OSError, ValueError) as error:  # network, TLS, checksum
+                    errors.append(" ".join(str(error).split()) or type(error).__name__)
+            else:
+                raise OSError("; ".join(errors))
+        digits = _load_idx_dir(raw)
+    except (OSError, ValueError) as error:
+        level = logging.WARNING if "checksum" in str(error) else logging.DEBUG
+        log.log(level, "MNIST download failed: %s", error)
         return None
-    finally:
-        socket.setdefaulttimeout(previous_timeout)
 
     try:
         _save_npz(cache / "mnist.npz", digits)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import PatchSource, TissueSpec, cannot_read, check_path, require
+from .base import CannotReadError, PatchSource, TissueSpec, cannot_read, check_path, require
 
 
 def composite(rgba: np.ndarray, background: int) -> np.ndarray:
@@ -109,5 +109,12 @@ class OpenSlideSource(PatchSource):
     def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         scale = self.level_downsamples[level]
         location = (round(x * scale), round(y * scale))  # OpenSlide takes level-0 coordinates
-        rgba = np.asarray(self._slide.read_region(location, level, (width, height)))
+        try:
+            rgba = np.asarray(self._slide.read_region(location, level, (width, height)))
+        except Exception as exc:  # OpenSlideError: a corrupt tile; the handle stays failed
+            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise CannotReadError(
+                f"{self.path}: cannot read the region at level-0 {location}, "
+                f"{width} x {height} pixels of level {level} ({reason})"
+            ) from None
         return composite(rgba, self.background)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import PatchSource, TissueSpec, cannot_read, check_path, require
+from .base import CannotReadError, PatchSource, TissueSpec, cannot_read, check_path, require
 
 _PHOTOMETRIC_MINISWHITE, _PHOTOMETRIC_MINISBLACK, _PHOTOMETRIC_RGB, _PHOTOMETRIC_PALETTE = (
     0,
@@ -291,6 +291,14 @@ class TiffSource(PatchSource):
             levels = [_Level(tif, page, str(self.path), self.background) for page in pages]
             self._file_mpp = _tiff_mpp(tif, pages[0])
         levels.sort(key=lambda lv: -lv.width * lv.height)
+        size = os.path.getsize(self.path)
+        for k, lv in enumerate(levels):  # a truncated file fails here, not in the middle of a run
+            ends = np.where(lv.offsets > 0, lv.offsets + lv.bytecounts, 0)
+            if len(ends) and ends.max() > size:
+                raise ValueError(
+                    f"truncated: tile data of level {k} ends at byte {ends.max()}, "
+                    f"the file has {size} bytes"
+                )
         self._file = open(self.path, "rb")  # noqa: SIM115 (closed in _release)
         self._levels = levels
         self._cache = _TileCache(self._cache_bytes)
@@ -309,8 +317,14 @@ class TiffSource(PatchSource):
         self._file.seek(offset)
         data = self._file.read(count)
         if len(data) != count:
-            raise ValueError(f"tile {index} of level {level} is truncated")
-        segment = lv.decode(data, index, **lv.decode_args)[0]
+            raise CannotReadError(f"{self.path}: tile {index} of level {level} is truncated")
+        try:
+            segment = lv.decode(data, index, **lv.decode_args)[0]
+        except Exception as exc:  # codec errors have many types (Jpeg8Error, zlib.error, ...)
+            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise CannotReadError(
+                f"{self.path}: tile {index} of level {level} cannot be decoded ({reason})"
+            ) from None
         if segment is None:
             return None
         return segment.reshape(segment.shape[-3:])  # (1, h, w, S) -> (h, w, S)
