@@ -9,8 +9,9 @@ Inputs are read lazily from disk, as in real use:
     pixels: synthetic pyramidal TIFF slides (`ips.sources.write_synthetic_slide`), cut into
         patches of P pixels and read through `TiffSource`; or a user's slide (`slide=`),
         whose N is its number of tissue patches.
-    features: an N x F float32 `.npy` file per N, read row by row by `FeatureFile` (file reads,
-        no memory map: pages of a map would count as resident memory of the process).
+    features: an N x F float32 `.npy` file per N, read row by row by
+        `ips.data.feature_bags.FeatureFile` (file reads, no memory map: pages of a map would
+        count as resident memory of the process).
 
 Methods:
     ips: select M of the N patches without gradients (chunks of I), train on those M.
@@ -40,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from ips.data.feature_bags import FeatureFile
+
 logger = logging.getLogger(__name__)
 
 INPUTS = ("pixels", "features")
@@ -60,91 +63,6 @@ MEMORY_KEYS = (
 
 
 # ---- inputs on disk -----------------------------------------------------------------------
-
-_HEADER_READERS = {
-    (1, 0): np.lib.format.read_array_header_1_0,
-    (2, 0): np.lib.format.read_array_header_2_0,
-}
-
-
-class FeatureFile:
-    """Rows of a 2-D C-order `.npy` file (N, F), read lazily with plain file reads.
-
-    Nothing is memory-mapped, so rows read once do not stay resident in the process; the
-    requested rows are read in runs of consecutive ids. Picklable: each process opens its own
-    file handle.
-
-    Args:
-        path: the `.npy` file.
-    """
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: no such file")
-        with open(self.path, "rb") as fh:
-            try:
-                version = np.lib.format.read_magic(fh)
-                if version not in _HEADER_READERS:
-                    raise ValueError(f"format version {version} is not supported")
-                shape, fortran, dtype = _HEADER_READERS[version](fh)
-            except ValueError as err:
-                raise ValueError(f"{self.path}: not a readable .npy file ({err})") from None
-            self.offset = fh.tell()
-        if len(shape) != 2 or fortran or dtype.hasobject:
-            raise ValueError(
-                f"{self.path}: expected a C-order (N, F) numeric array, got shape {shape}"
-                f"{' in Fortran order' if fortran else ''} of {dtype}"
-            )
-        self.shape: tuple[int, int] = (int(shape[0]), int(shape[1]))
-        self.dtype = np.dtype(dtype)
-        self._fd: int | None = None
-        self._pid: int | None = None
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def read(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Rows `ids` (n,) in the given order. Returns: (n, F)."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if len(ids) and (ids.min() < 0 or ids.max() >= len(self)):
-            bad = ids[(ids < 0) | (ids >= len(self))][0]
-            raise IndexError(f"{self.path.name}: row ids must be in [0, {len(self)}), got {bad}")
-        row_bytes = self.shape[1] * self.dtype.itemsize
-        out = np.empty((len(ids), self.shape[1]), dtype=self.dtype)
-        if len(ids) == 0:
-            return out
-        fd = self._handle()
-        order = np.argsort(ids, kind="stable")
-        wanted = ids[order]
-        breaks = np.flatnonzero(np.diff(wanted) != 1) + 1  # starts of runs of consecutive ids
-        for run in np.split(np.arange(len(wanted)), breaks):
-            first, count = int(wanted[run[0]]), len(run)
-            data = os.pread(fd, count * row_bytes, self.offset + first * row_bytes)
-            if len(data) != count * row_bytes:
-                raise ValueError(f"{self.path}: file is shorter than its header says")
-            rows = np.frombuffer(data, dtype=self.dtype).reshape(count, self.shape[1])
-            out[order[run]] = rows
-        return out
-
-    def close(self) -> None:
-        if self._fd is not None and self._pid == os.getpid():
-            os.close(self._fd)
-        self._fd = self._pid = None
-
-    def _handle(self) -> int:
-        if self._fd is None or self._pid != os.getpid():
-            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
-        return self._fd
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_fd": None, "_pid": None}
-
-    def __del__(self) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"FeatureFile({str(self.path)!r}, shape={self.shape}, dtype={self.dtype})"
 
 
 def write_features(

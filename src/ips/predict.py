@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from ips.config import TaskSpec, replace_fields
+from ips.data.feature_bags import FEATURE_SUFFIXES, FeatureBag, open_feature_bag
 from ips.files import atomic_write
 from ips.heads import predictions, probabilities
 from ips.model import IPSModel, load_model
@@ -53,10 +54,8 @@ from ips.viz import SCALES
 
 log = logging.getLogger(__name__)
 
-FEATURE_SUFFIXES = frozenset({".h5", ".hdf5", ".npz", ".npy"})  # feature bags
 IMAGE_SUFFIXES = PILLOW_SUFFIXES | TIFF_SUFFIXES | OPENSLIDE_SUFFIXES  # found in folders
 ON_ERROR = ("skip", "fail")
-H5PY_HINT = "reading .h5 feature bags needs: pip install 'iterative-patch-selection[features]'"
 
 Input = str | os.PathLike | np.ndarray | Tensor  # a file, a folder, or an image (H, W[, C])
 
@@ -94,156 +93,6 @@ class Prediction:
 
 
 # ---- inputs ---------------------------------------------------------------------------------
-
-
-class FeatureBag:
-    """Precomputed features of one image's patches, in the container protocol of selection.
-
-    An ``.h5`` file is read lazily (only the requested rows); ``.npz``/``.npy`` are loaded.
-
-    Attributes:
-        coords: (N, 2) level-0 (x, y) top-left corners, or None when the file has none.
-        patch_size_level0: patch side in level-0 pixels (file attribute ``patch_size``, times
-            ``downsample`` where given; otherwise the grid step of the coords).
-        level0_size: (width, height) spanned by the patches.
-    """
-
-    def __init__(
-        self,
-        features: Any,
-        coords: np.ndarray | None,
-        *,
-        patch_size: float | None,
-        name: str,
-        handle: Any = None,
-    ) -> None:
-        self.name = name
-        self._features = features  # (N, F): numpy array or h5py dataset
-        self._handle = handle
-        if coords is not None:
-            coords = np.asarray(coords)
-            if coords.shape != (features.shape[0], 2):
-                raise ValueError(
-                    f"{name}: coords must be (N, 2) = ({features.shape[0]}, 2), got {coords.shape}"
-                )
-            coords = np.rint(coords).astype(np.int64)
-        self.coords = coords
-        step = _grid_step(coords)
-        if patch_size is None:
-            patch_size = step
-        self.patch_size_level0 = float(patch_size or 1.0)
-        self._step = float(step or self.patch_size_level0)
-        if coords is None or len(coords) == 0:
-            self.level0_size = (1, 1)
-        else:
-            far = coords.max(0) + self.patch_size_level0
-            self.level0_size = (max(1, math.ceil(far[0])), max(1, math.ceil(far[1])))
-
-    def __len__(self) -> int:
-        return int(self._features.shape[0])
-
-    @property
-    def feature_dim(self) -> int:
-        return int(self._features.shape[1])
-
-    def read(self, ids: Any) -> np.ndarray:
-        """Features of patches. Args: ids: (n,). Returns: float32 (n, F), in order."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if self._handle is None:
-            return np.asarray(self._features[ids], dtype=np.float32)
-        unique, inverse = np.unique(ids, return_inverse=True)  # h5py wants increasing rows
-        return np.asarray(self._features[unique], dtype=np.float32)[inverse]
-
-    def positions(self, ids: Any) -> np.ndarray:
-        """(row, col) on the grid of the coords. Args: ids: (n,). Returns: (n, 2) int64."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if self.coords is None:
-            return np.stack([np.zeros_like(ids), ids], axis=1)
-        xy = self.coords[ids]
-        return np.rint(xy[:, ::-1] / self._step).astype(np.int64)
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-
-
-def _grid_step(coords: np.ndarray | None) -> float | None:
-    """The smallest positive gap between distinct x or y coords; None for fewer than two."""
-    if coords is None or len(coords) < 2:
-        return None
-    gaps = [np.diff(np.unique(coords[:, axis])) for axis in (0, 1)]
-    gaps = np.concatenate(gaps)
-    gaps = gaps[gaps > 0]
-    return float(gaps.min()) if gaps.size else None
-
-
-def open_feature_bag(path: str | os.PathLike) -> FeatureBag:
-    """Open a feature bag: ``.h5``/``.hdf5`` or ``.npz`` with ``features`` (N, F) and ``coords``
-    (N, 2) level-0 (x, y), optionally ``patch_size`` (level-0 pixels); ``.npy`` with the
-    features only (then the patches have no coords)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    suffix = path.suffix.lower()
-    if suffix in (".h5", ".hdf5"):
-        try:
-            import h5py
-        except ImportError as err:
-            raise ImportError(H5PY_HINT) from err
-        try:
-            handle = h5py.File(path, "r")
-        except OSError as err:
-            raise ValueError(f"{path}: cannot read as HDF5 ({_one_line(err)})") from None
-        try:
-            features, coords = _bag_arrays(path, handle)
-            coords = np.asarray(coords[()])
-            size = _h5_patch_size(handle)
-        except BaseException:
-            handle.close()
-            raise
-        return FeatureBag(features, coords, patch_size=size, name=path.name, handle=handle)
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as err:
-        raise ValueError(f"{path}: cannot read as a numpy file ({_one_line(err)})") from None
-    if isinstance(data, np.ndarray):  # .npy: the features alone
-        _check_features(path, data)
-        log.warning("%s: a .npy bag has no coords; no heatmap or GeoJSON for it", path)
-        return FeatureBag(data, None, patch_size=None, name=path.name)
-    with data:
-        features, coords = _bag_arrays(path, data)
-        size = float(data["patch_size"]) if "patch_size" in data.files else None
-        return FeatureBag(np.asarray(features), np.asarray(coords), patch_size=size, name=path.name)
-
-
-def _bag_arrays(path: Path, container: Any) -> tuple[Any, Any]:
-    keys = set(container.files if hasattr(container, "files") else container.keys())
-    missing = [k for k in ("features", "coords") if k not in keys]
-    if missing:
-        raise ValueError(
-            f"{path}: a feature bag needs 'features' (N, F) and 'coords' (N, 2); "
-            f"missing {', '.join(missing)} (has {', '.join(sorted(keys)) or 'nothing'})"
-        )
-    features = container["features"]
-    _check_features(path, features)
-    return features, container["coords"]
-
-
-def _check_features(path: Path, features: Any) -> None:
-    if len(features.shape) != 2 or features.shape[0] == 0:
-        raise ValueError(f"{path}: features must be (N, F) with N >= 1, got {features.shape}")
-
-
-def _h5_patch_size(handle: Any) -> float | None:
-    """Level-0 patch side from ``patch_size`` (and ``downsample``) attributes, if present."""
-    for attrs in (handle["coords"].attrs, handle.attrs):
-        if "patch_size" in attrs:
-            size = float(np.asarray(attrs["patch_size"]).reshape(-1)[0])
-            if "downsample" in attrs:
-                size *= float(np.asarray(attrs["downsample"]).reshape(-1)[0])
-            return size
-    return None
 
 
 @dataclass(frozen=True)
@@ -511,6 +360,11 @@ def predict(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if gallery_k < 0:
         raise ValueError(f"gallery_k must be >= 0, got {gallery_k}")
+    if on_error == "fail":  # a mistyped path fails now, not after the inputs before it
+        single = isinstance(inputs, (str, os.PathLike, np.ndarray, Tensor))
+        for entry in [inputs] if single else inputs:
+            if isinstance(entry, (str, os.PathLike)) and not Path(entry).exists():
+                raise FileNotFoundError(f"{entry}: no such file or folder")
     if heatmaps and out_dir is not None:
         try:
             import matplotlib  # noqa: F401

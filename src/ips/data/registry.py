@@ -67,11 +67,40 @@ def _require_path(config: Config) -> Path:
     return path
 
 
+def _check_pixel_model(config: Config, channels: int, tasks: dict[str, tuple[str, int]]) -> None:
+    """Fail before any work when the model cannot read or learn a pixel dataset of
+    ``channels``-channel images labelled for ``tasks`` (name -> (kind, classes))."""
+    model, name = config.model, config.data.dataset
+    if model.encoder == "features":
+        raise ValueError(
+            f"model.encoder: the {name} dataset gives pixel patches, but the encoder "
+            "'features' reads precomputed features"
+        )
+    if model.in_channels != channels:
+        raise ValueError(
+            f"model.in_channels: the {name} dataset has {channels}-channel images, "
+            f"got {model.in_channels}"
+        )
+    for task in model.tasks:
+        if task.name not in tasks:
+            raise ValueError(
+                f"model.tasks.{task.name}: the {name} dataset has no such task; "
+                f"expected one of {', '.join(tasks)}"
+            )
+        kind, classes = tasks[task.name]
+        if (task.kind, task.num_classes) != (kind, classes):
+            raise ValueError(
+                f"model.tasks.{task.name}: the {name} dataset labels it {kind} with {classes} "
+                f"classes, got {task.kind} with {task.num_classes}"
+            )
+
+
 @register_dataset("megapixel_mnist")
 def _megapixel_mnist(config: Config, split: str, indices: np.ndarray | None) -> Dataset:
     """A file written by ``ips make-mnist`` (rendered on the fly)."""
     from ips.data.megapixel_mnist import MegapixelMNIST
 
+    _check_pixel_model(config, MegapixelMNIST.channels, MegapixelMNIST.tasks)
     return MegapixelMNIST(
         _require_path(config),
         split,
@@ -79,4 +108,80 @@ def _megapixel_mnist(config: Config, split: str, indices: np.ndarray | None) -> 
         stride=config.data.stride,
         indices=None if indices is None else indices.tolist(),
         **config.data.options,
+    )
+
+
+def _options(config: Config, allowed: tuple[str, ...]) -> dict:
+    unknown = sorted(set(config.data.options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"data.options: unknown key(s) {', '.join(unknown)} for the {config.data.dataset} "
+            f"dataset; expected some of {', '.join(allowed)}"
+        )
+    return dict(config.data.options)
+
+
+@register_dataset("camelyon16")
+def _camelyon16(config: Config, split: str, indices: np.ndarray | None) -> Dataset:
+    """A CAMELYON16 folder (labels from its layout) and a folder of feature bags
+    (``data.options.features``, default ``<data.path>/features``)."""
+    from ips.data.camelyon16 import Camelyon16Bags
+
+    options = _options(config, ("features", "missing", "in_memory"))
+    return Camelyon16Bags(
+        _require_path(config),
+        split,
+        tasks=config.model.tasks,
+        feature_dim=config.model.feature_dim,
+        indices=None if indices is None else indices.tolist(),
+        **options,
+    )
+
+
+@register_dataset("feature_bags")
+def _feature_bags(config: Config, split: str, indices: np.ndarray | None) -> Dataset:
+    """A folder of feature bags with a labels CSV (``data.options.labels``, default
+    ``<data.path>/labels.csv``: ``slide``, one column per task, optional ``split``)."""
+    from ips.data.feature_bags import FeatureBagDataset, labelled_bags, read_labels_csv
+
+    options = _options(config, ("labels", "missing", "in_memory"))
+    folder = _require_path(config)
+    labels = Path(options.get("labels") or folder / "labels.csv")
+    bags, targets, names = labelled_bags(
+        folder,
+        read_labels_csv(labels),
+        config.model.tasks,
+        split,
+        source=str(labels),
+        missing=options.get("missing", "fail"),
+    )
+    if indices is not None:
+        bags, targets, names = ([seq[i] for i in indices] for seq in (bags, targets, names))
+    return FeatureBagDataset(
+        bags,
+        targets,
+        config.model.tasks,
+        feature_dim=config.model.feature_dim,
+        names=names,
+        in_memory=bool(options.get("in_memory", False)),
+    )
+
+
+@register_dataset("traffic_signs")
+def _traffic_signs(config: Config, split: str, indices: np.ndarray | None) -> Dataset:
+    """Sets 1 and 2 of the Swedish traffic signs (summer); see ips.data.traffic_signs."""
+    from ips.data.traffic_signs import TrafficSigns
+
+    options = _options(config, ("train_set", "image_size", "augment", "download", "sha256"))
+    if config.data.path is None:
+        raise ValueError("data.path: the traffic_signs dataset needs a path")
+    root = Path(config.data.path).expanduser()
+    if not options.get("download") and not root.exists():
+        raise FileNotFoundError(f"data.path: {root} does not exist")
+    return TrafficSigns(
+        root,
+        split,
+        patch_size=config.model.patch_size,
+        indices=None if indices is None else indices.tolist(),
+        **options,
     )

@@ -1,0 +1,604 @@
+"""Feature extraction: one HDF5 feature bag per slide, for training on precomputed features.
+
+``extract_features(["slides/"], "features/", encoder="resnet50_4blocks", weights="imagenet")``
+opens each slide (tissue detection, tiles of P pixels at the chosen level or mpp), encodes
+every tissue tile in batches and writes ``features/<slide stem>.h5``::
+
+    features (N, F) float32      the encoder's output per tile (contiguous: rows read fast)
+    coords (N, 2) int64          level-0 (x, y) of each tile's top-left corner, raster order
+    attributes                   patch_size (P), downsample (level-0 pixels per read pixel),
+                                 level, mpp (level-0 microns per pixel, NaN when unknown),
+                                 tile_mpp, encoder, weights, feature_dim, tissue, min_tissue,
+                                 normalize_mean/std, slide, level0_width/height, ips_version,
+                                 extraction (the settings as JSON, checked on resume)
+
+Every bag is written to a temporary file in the same folder and renamed when complete, so a
+bag that exists is whole. Re-running skips slides whose bag exists (after checking it was made
+with the same settings). A slide that fails (unreadable, no tissue, NaN features) is reported
+and skipped; the others go on. The summary, ``extraction_summary.json`` in the output folder,
+is rewritten after every slide: settings, and per slide what happened.
+
+Several processes: under ``torchrun --nproc-per-node K`` (``RANK`` and ``WORLD_SIZE`` set) or
+with ``rank=`` / ``world_size=``, process r takes the slides r, r + K, r + 2K, ... of the sorted
+list; no process group is needed. Each process writes its own summary,
+``extraction_summary.rank<r>.json``.
+
+Encoders: a registered pixel encoder (``ips.encoders``; ResNet trunks give their own width:
+128, 512 or 2048), or ``timm:<name>`` for any timm model (``pip install
+'iterative-patch-selection[timm]'``). Weights: None (untrained, seeded), ``"imagenet"`` (the
+library's pretrained weights, downloaded once), or a local state-dict file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from ips.data.camelyon16 import is_camelyon16, slide_files
+from ips.data.feature_bags import import_h5py
+from ips.encoders import FeatureProjector, ResNetTrunk, create_encoder, list_encoders
+from ips.files import atomic_write
+from ips.sources import PatchSource, open_source
+from ips.sources.base import OPENSLIDE_SUFFIXES, PILLOW_SUFFIXES, TIFF_SUFFIXES
+
+log = logging.getLogger(__name__)
+
+SLIDE_SUFFIXES = TIFF_SUFFIXES | OPENSLIDE_SUFFIXES | PILLOW_SUFFIXES  # found in folders
+TIMM_PREFIX = "timm:"
+TIMM_HINT = "timm encoders need: pip install 'iterative-patch-selection[timm]'"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+AMP = ("none", "bf16", "fp16")
+SUMMARY = "extraction_summary.json"
+
+
+@dataclass(frozen=True)
+class ExtractionSettings:
+    """What decides the features of a slide; stored in every bag and checked on resume."""
+
+    encoder: str = "resnet50_4blocks"  # a registered pixel encoder, or "timm:<model name>"
+    weights: str | None = None  # None: untrained; "imagenet": pretrained; else a state-dict path
+    patch_size: int = 256  # P: tile side in pixels at the read resolution
+    level: int | None = None  # pyramid level to read (None: level 0, unless target_mpp)
+    target_mpp: float | None = None  # microns per read pixel (needs the slide's or given mpp)
+    mpp: float | None = None  # microns per level-0 pixel, where the slide does not record it
+    tissue: str | None = "otsu"  # "otsu" (Otsu on a thumbnail) or None (every tile)
+    min_tissue: float = 0.01  # least tissue fraction of a kept tile
+    amp: str = "none"  # "none", "bf16" or "fp16" (CUDA) autocast for the encoder
+    seed: int = 0  # initialises an untrained encoder
+
+    def __post_init__(self) -> None:
+        if int(self.patch_size) != self.patch_size or self.patch_size < 1:
+            raise ValueError(f"patch_size must be a positive integer, got {self.patch_size!r}")
+        if self.level is not None and self.target_mpp is not None:
+            raise ValueError("give level or target_mpp, not both")
+        if self.level is None and self.target_mpp is None:
+            object.__setattr__(self, "level", 0)  # the same settings as level=0 given
+        if self.tissue not in (None, "otsu"):
+            raise ValueError(f"tissue must be 'otsu' or None, got {self.tissue!r}")
+        if not 0 <= self.min_tissue <= 1:
+            raise ValueError(f"min_tissue must be in [0, 1], got {self.min_tissue}")
+        if self.amp not in AMP:
+            raise ValueError(f"amp must be one of {AMP}, got {self.amp!r}")
+
+    def to_json(self) -> str:
+        """The settings that change the features, as sorted JSON (the seed only matters for
+        an untrained encoder)."""
+        values = dataclasses.asdict(self)
+        if self.weights is not None:
+            values.pop("seed")
+        return json.dumps(values, sort_keys=True)
+
+
+# ---- slides -----------------------------------------------------------------------------------
+
+
+def find_slides(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Slide files from files, folders and slide lists.
+
+    A folder gives its slide files (not recursive; a CAMELYON16 folder gives the slides of
+    training/normal, training/tumor and testing/images); a ``.txt`` file lists one slide path
+    per line (relative to the list; ``#`` starts a comment).
+
+    Returns:
+        The slides, sorted, each once.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    found: list[Path] = []
+    for entry in inputs:
+        path = Path(entry)
+        if path.is_dir():
+            if is_camelyon16(path):
+                found.extend(slide_files(path))
+            else:
+                found.extend(
+                    p
+                    for p in sorted(path.iterdir())
+                    if p.is_file()
+                    and not p.name.startswith(".")
+                    and p.suffix.lower() in SLIDE_SUFFIXES
+                )
+        elif path.suffix.lower() == ".txt":
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: no such slide list")
+            for line in path.read_text().splitlines():
+                line = line.split("#", 1)[0].strip()
+                if line:
+                    listed = Path(line).expanduser()
+                    found.append(listed if listed.is_absolute() else path.parent / listed)
+        elif path.exists():
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such slide, folder or slide list")
+    slides = sorted(dict.fromkeys(p.resolve() for p in found))
+    if not slides:
+        raise ValueError(f"no slides found in {', '.join(str(p) for p in inputs)}")
+    stems: dict[str, Path] = {}
+    for slide in slides:
+        if slide.stem in stems:
+            raise ValueError(
+                f"two slides are called {slide.stem} ({stems[slide.stem]} and {slide}); "
+                "their bags would share one file name"
+            )
+        stems[slide.stem] = slide
+    return slides
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) from torchrun's ``RANK`` and ``WORLD_SIZE``; (0, 1) without them."""
+    try:
+        rank = int(os.environ.get("RANK", "0"))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError as err:
+        raise ValueError(f"RANK and WORLD_SIZE must be integers ({err})") from None
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"RANK must be in [0, WORLD_SIZE), got RANK={rank}, WORLD_SIZE={world}")
+    return rank, world
+
+
+# ---- the encoder ------------------------------------------------------------------------------
+
+
+class Extractor(nn.Module):
+    """uint8 tiles (n, C, P, P) -> float32 features (n, F): scale to [0, 1], normalise, encode.
+
+    Attributes:
+        feature_dim: F.
+        mean, std: the per-channel normalisation (on [0, 1] pixels).
+    """
+
+    def __init__(self, encoder: nn.Module, *, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.encoder = encoder
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)
+        self.register_buffer("_mean", torch.tensor(self.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(self.std).view(1, -1, 1, 1), persistent=False)
+        self.feature_dim = 0
+
+    def forward(self, tiles: Tensor) -> Tensor:
+        x = tiles.float().div_(255.0)
+        x = ((x - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
+        features = self.encoder(x)
+        if features.dim() != 2:
+            raise ValueError(
+                f"the encoder must return (n, F) features, got {tuple(features.shape)}"
+            )
+        return features.float()
+
+
+def build_extractor(
+    encoder: str, weights: str | None = None, *, patch_size: int = 256, seed: int = 0
+) -> Extractor:
+    """The encoder of `encoder`'s name with `weights`, in eval mode, F measured on one tile.
+
+    Args:
+        encoder: a registered pixel encoder or ``"timm:<model name>"``.
+        weights: None (untrained, initialised from `seed`), "imagenet", or a state-dict file.
+        patch_size: P, for measuring F.
+        seed: initialises an untrained encoder.
+    """
+    if weights not in (None, "imagenet") and not Path(weights).expanduser().is_file():
+        raise FileNotFoundError(f"weights: {weights}: no such file")
+    torch.manual_seed(seed)
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if encoder.startswith(TIMM_PREFIX):
+        module, mean, std = _timm_encoder(encoder[len(TIMM_PREFIX) :], weights)
+    else:
+        if encoder == "features" or encoder not in list_encoders():
+            pixel = [n for n in list_encoders() if n != "features"]
+            raise ValueError(
+                f"encoder: {encoder!r} is not a pixel encoder; expected one of {pixel} "
+                f"or '{TIMM_PREFIX}<model name>'"
+            )
+        pretrained: bool | str = True if weights == "imagenet" else (weights or False)
+        module = create_encoder(encoder, in_channels=3, embed_dim=512, pretrained=pretrained)
+        if isinstance(module, FeatureProjector):
+            raise ValueError(f"encoder: {encoder!r} reads features, not pixels")
+        if isinstance(module, ResNetTrunk):  # the trunk's own width, no projection
+            module.proj = nn.Identity()
+    extractor = Extractor(module, mean=mean, std=std).eval()
+    with torch.inference_mode():
+        probe = extractor(torch.zeros(1, 3, patch_size, patch_size, dtype=torch.uint8))
+    extractor.feature_dim = int(probe.shape[1])
+    return extractor
+
+
+def _timm_encoder(name: str, weights: str | None) -> tuple[nn.Module, tuple, tuple]:
+    try:
+        import timm
+    except ImportError as err:
+        raise ImportError(TIMM_HINT) from err
+    try:
+        module = timm.create_model(name, pretrained=weights == "imagenet", num_classes=0)
+    except RuntimeError as err:  # unknown model name
+        raise ValueError(f"encoder: timm cannot build {name!r} ({err})") from None
+    if weights not in (None, "imagenet"):
+        state = torch.load(Path(weights).expanduser(), map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        missing, _ = module.load_state_dict(state, strict=False)
+        if missing:
+            raise ValueError(
+                f"weights: {weights} lacks {len(missing)} weights of timm {name!r} "
+                f"(e.g. {missing[0]!r})"
+            )
+    config = getattr(module, "pretrained_cfg", None) or {}
+    mean = tuple(config.get("mean", IMAGENET_MEAN))
+    std = tuple(config.get("std", IMAGENET_STD))
+    return module, mean, std
+
+
+# ---- one slide --------------------------------------------------------------------------------
+
+
+class _TileBatches(Dataset):
+    """Item k: uint8 (n, 3, P, P), the tiles [k * size, (k + 1) * size) of one slide."""
+
+    def __init__(self, source: PatchSource, size: int) -> None:
+        self.source, self.size = source, size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.source) / self.size)
+
+    def __getitem__(self, k: int) -> Tensor:
+        ids = np.arange(k * self.size, min((k + 1) * self.size, len(self.source)))
+        tiles = self.source.read(ids)  # (n, C, P, P)
+        if tiles.shape[1] == 1:  # grey: the encoders read RGB
+            tiles = np.repeat(tiles, 3, axis=1)
+        return torch.from_numpy(tiles)
+
+
+def _autocast(device: torch.device, amp: str) -> Any:
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("amp: fp16 needs a CUDA device; use bf16 on the CPU")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def extract_slide(
+    slide: str | os.PathLike,
+    bag: str | os.PathLike,
+    extractor: Extractor,
+    settings: ExtractionSettings,
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int, str], Any] | None = None,
+) -> int:
+    """Encode the tissue tiles of one slide and write its bag atomically.
+
+    Args:
+        slide: the slide file.
+        bag: the ``.h5`` file to write.
+        extractor: from `build_extractor`, already on `device`.
+        settings: how to tile (and what to record).
+        batch_size: tiles per encoder call.
+        num_workers: DataLoader processes reading tiles (each opens the slide itself).
+        device: where the extractor runs.
+        progress: ``progress(total, name)`` returning a bar with ``update(n)`` and ``close()``.
+
+    Returns:
+        N, the number of tiles encoded.
+    """
+    h5py = import_h5py()
+    from ips import __version__
+
+    device = torch.device(device)
+    slide = Path(slide)
+    source = open_source(
+        slide,
+        patch_size=settings.patch_size,
+        level=settings.level,
+        target_mpp=settings.target_mpp,
+        mpp=settings.mpp,
+        tissue=settings.tissue,
+        min_tissue=settings.min_tissue,
+    )
+    if source.channels not in (1, 3):
+        raise ValueError(f"{slide}: {source.channels} channels; the encoders read RGB or grey")
+    n, width = len(source), extractor.feature_dim
+    loader = DataLoader(
+        _TileBatches(source, batch_size),
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    bar = progress(n, slide.stem) if progress is not None else None
+    mpp = float("nan") if source.mpp is None else float(source.mpp)
+    try:
+        with atomic_write(bag, "w+b") as fh, h5py.File(fh, "w") as out:
+            features = out.create_dataset("features", shape=(n, width), dtype="float32")
+            out.create_dataset("coords", data=np.asarray(source.coords, dtype=np.int64))
+            start = 0
+            with torch.inference_mode(), _autocast(device, settings.amp):
+                for tiles in loader:  # (b, 3, P, P) uint8
+                    emb = extractor(tiles.to(device, non_blocking=True)).cpu().numpy()  # (b, F)
+                    finite = np.isfinite(emb).all(axis=1)
+                    if not finite.all():
+                        raise ValueError(
+                            f"{slide}: the encoder gave NaN or inf features for "
+                            f"{int((~finite).sum())} tile(s), e.g. at level-0 "
+                            f"{tuple(source.coords[start + int(np.argmin(finite))])}"
+                        )
+                    features[start : start + len(emb)] = emb
+                    start += len(emb)
+                    if bar is not None:
+                        bar.update(len(emb))
+            if start != n:
+                raise RuntimeError(f"{slide}: encoded {start} tiles, expected {n}")
+            w0, h0 = source.level0_size
+            out.attrs.update(
+                {
+                    "patch_size": int(source.patch_size),
+                    "downsample": float(source.downsample),
+                    "level": int(source.level),
+                    "mpp": mpp,
+                    "tile_mpp": mpp * float(source.downsample),
+                    "encoder": settings.encoder,
+                    "weights": settings.weights or "none",
+                    "feature_dim": int(width),
+                    "tissue": settings.tissue or "none",
+                    "min_tissue": float(settings.min_tissue),
+                    "normalize_mean": np.asarray(extractor.mean, dtype=np.float64),
+                    "normalize_std": np.asarray(extractor.std, dtype=np.float64),
+                    "slide": slide.name,
+                    "level0_width": int(w0),
+                    "level0_height": int(h0),
+                    "ips_version": __version__,
+                    "extraction": settings.to_json(),
+                }
+            )
+    finally:
+        source.close()
+        if bar is not None:
+            bar.close()
+    return n
+
+
+def bag_settings(path: str | os.PathLike) -> str | None:
+    """The ``extraction`` attribute of a bag (its settings as JSON), None when it has none."""
+    h5py = import_h5py()
+    try:
+        with h5py.File(path, "r") as f:
+            value = f.attrs.get("extraction")
+    except OSError as err:
+        raise ValueError(
+            f"{path}: an existing bag cannot be read ({' '.join(str(err).split())}); "
+            "delete it to extract the slide again"
+        ) from None
+    if isinstance(value, bytes):
+        value = value.decode()
+    return None if value is None else str(value)
+
+
+# ---- many slides ------------------------------------------------------------------------------
+
+
+def summary_path(out_dir: str | os.PathLike, rank: int = 0, world_size: int = 1) -> Path:
+    """Where the process of `rank` writes its summary."""
+    name = SUMMARY if world_size == 1 else f"extraction_summary.rank{rank}.json"
+    return Path(out_dir) / name
+
+
+def extract_features(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    encoder: str = "resnet50_4blocks",
+    weights: str | None = None,
+    patch_size: int = 256,
+    level: int | None = None,
+    target_mpp: float | None = None,
+    mpp: float | None = None,
+    tissue: str | None = "otsu",
+    min_tissue: float = 0.01,
+    amp: str = "none",
+    seed: int = 0,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    rank: int | None = None,
+    world_size: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Write one feature bag per slide into `out_dir`; see the module docstring.
+
+    Args:
+        inputs: slide files, folders (a CAMELYON16 folder gives all its slides) and ``.txt``
+            lists of slide paths.
+        out_dir: the folder of bags (created).
+        encoder, weights, patch_size, level, target_mpp, mpp, tissue, min_tissue, amp, seed:
+            see `ExtractionSettings`.
+        batch_size: tiles per encoder call.
+        num_workers: DataLoader processes reading tiles.
+        device: where the encoder runs.
+        rank, world_size: this process takes the slides i with i % world_size == rank;
+            default from ``RANK`` / ``WORLD_SIZE`` (torchrun), else 0 and 1.
+        progress: show progress bars (slides, and the tiles of the current slide).
+
+    Returns:
+        The summary also written to `summary_path(out_dir, rank, world_size)`: ``settings``,
+        ``slides`` (this process's count), ``extracted`` ({slide, path, bag, patches, seconds}),
+        ``skipped`` (bags already there: {slide, path, bag}), ``failed`` ({slide, path,
+        error: one line naming the slide}), ``seconds``.
+    """
+    settings = ExtractionSettings(
+        encoder=encoder,
+        weights=None if weights is None else str(weights),
+        patch_size=patch_size,
+        level=level,
+        target_mpp=target_mpp,
+        mpp=mpp,
+        tissue=tissue,
+        min_tissue=min_tissue,
+        amp=amp,
+        seed=seed,
+    )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    env_rank, env_world = distributed_rank()
+    rank = env_rank if rank is None else rank
+    world_size = env_world if world_size is None else world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got {rank} and {world_size}")
+    import_h5py()
+    started = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    slides = find_slides(inputs)[rank::world_size]
+    wanted = settings.to_json()
+    todo, skipped = [], []
+    for slide in slides:
+        bag = out / f"{slide.stem}.h5"
+        if not bag.exists():
+            todo.append((slide, bag))
+            continue
+        found = bag_settings(bag)
+        if found != wanted:
+            raise ValueError(
+                f"{bag}: extracted with other settings ({found}), not {wanted}; "
+                "write to another folder or delete the old bags"
+            )
+        skipped.append({"slide": slide.stem, "path": str(slide), "bag": str(bag)})
+    summary: dict[str, Any] = {
+        "out_dir": str(out),
+        "rank": rank,
+        "world_size": world_size,
+        "settings": json.loads(wanted),
+        "slides": len(slides),
+        "extracted": [],
+        "skipped": skipped,
+        "failed": [],
+        "seconds": 0.0,
+    }
+    where = summary_path(out, rank, world_size)
+    if skipped:
+        log.info("%d of %d slides already have bags: skipped", len(skipped), len(slides))
+    if todo:
+        device = torch.device(device)
+        extractor = build_extractor(
+            settings.encoder, settings.weights, patch_size=settings.patch_size, seed=seed
+        ).to(device)
+        log.info(
+            "extracting %d slides with %s (F = %d) into %s",
+            len(todo),
+            settings.encoder,
+            extractor.feature_dim,
+            out,
+        )
+        bars = _progress(progress and rank == 0)
+        slide_bar = bars(len(todo), "slides", leave=True)
+        tile_bars = (lambda total, name: bars(total, name, leave=False)) if slide_bar else None
+        for slide, bag in todo:
+            began = time.perf_counter()
+            try:
+                n = extract_slide(
+                    slide,
+                    bag,
+                    extractor,
+                    settings,
+                    batch_size=batch_size,
+                    num_workers=num_workers,
+                    device=device,
+                    progress=tile_bars,
+                )
+            except Exception as err:  # any failure of one slide: report it, go on
+                message = _one_line(err)
+                if str(slide) not in message and slide.name not in message:
+                    message = f"{slide}: {message}"
+                log.warning("skipped %s", message)
+                log.debug("%s failed", slide, exc_info=err)
+                summary["failed"].append(
+                    {"slide": slide.stem, "path": str(slide), "error": message}
+                )
+            else:
+                seconds = time.perf_counter() - began
+                summary["extracted"].append(
+                    {
+                        "slide": slide.stem,
+                        "path": str(slide),
+                        "bag": str(bag),
+                        "patches": n,
+                        "seconds": round(seconds, 3),
+                    }
+                )
+                log.debug("%s: %d tiles in %.1f s", slide.stem, n, seconds)
+            summary["seconds"] = round(time.perf_counter() - started, 3)
+            _write_summary(where, summary)
+            if slide_bar is not None:
+                slide_bar.update(1)
+        if slide_bar is not None:
+            slide_bar.close()
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    _write_summary(where, summary)
+    summary["summary"] = str(where)
+    return summary
+
+
+def _write_summary(path: Path, summary: dict[str, Any]) -> None:
+    with atomic_write(path, "w") as fh:
+        json.dump(summary, fh, indent=1)
+        fh.write("\n")
+
+
+def _one_line(err: BaseException) -> str:
+    """One line, at most 300 characters; for an error raised in a DataLoader worker, the
+    original error's last line."""
+    text = str(err)
+    if "Original Traceback" in text:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        text = lines[-1] if lines else text
+    text = " ".join(text.split()) or type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _progress(enabled: bool) -> Callable[..., Any]:
+    def make(total: int, desc: str, *, leave: bool) -> Any:
+        if not enabled:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit="tile" if not leave else "slide", leave=leave)
+
+    return make

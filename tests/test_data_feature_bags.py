@@ -1,0 +1,228 @@
+"""Feature bags: lazy HDF5 rows, per-process handles, NaN checks, masks, labelled datasets."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import ips
+from ips.config import TaskSpec, config_from_dict
+from ips.data.collate import collate_patches
+from ips.data.feature_bags import (
+    FeatureBag,
+    FeatureBagDataset,
+    FeatureFile,
+    H5FeatureBag,
+    open_feature_bag,
+)
+from ips.data.registry import build_dataset
+
+h5py = pytest.importorskip("h5py")
+
+F = 6
+BINARY = (TaskSpec("metastases", "binary"),)
+
+
+def write_bag(path, num_patches: int, seed: int = 0, *, shift: float = 0.0) -> np.ndarray:
+    """An .h5 bag of N rows on a grid of 16-pixel tiles; returns the features."""
+    rng = np.random.default_rng(seed)
+    features = (rng.normal(size=(num_patches, F)) + shift).astype(np.float32)
+    cols = 5
+    coords = np.stack([np.arange(num_patches) % cols, np.arange(num_patches) // cols], 1) * 16
+    with h5py.File(path, "w") as f:
+        f["features"] = features
+        f["coords"] = coords
+        f.attrs["patch_size"] = 16
+    return features
+
+
+def bag_model(**overrides) -> ips.IPSModel:
+    settings = dict(
+        encoder="features",
+        feature_dim=F,
+        embed_dim=16,
+        num_heads=1,
+        head_dim=8,
+        mlp_dim=16,
+        dropout=0.0,
+        memory_size=4,
+        chunk_size=5,
+        tasks={"metastases": {"kind": "binary"}},
+    )
+    return ips.create_model(**{**settings, **overrides}).eval()
+
+
+def test_an_h5_bag_reads_the_asked_rows_in_order_and_pickles_without_its_handle(tmp_path):
+    features = write_bag(tmp_path / "a.h5", 23)
+    bag = open_feature_bag(tmp_path / "a.h5")
+    assert isinstance(bag, H5FeatureBag) and bag._handle is None  # nothing opened yet
+    ids = np.array([7, 3, 7, 22, 0])
+    np.testing.assert_array_equal(bag.read(ids), features[ids])
+    assert bag._handle is not None and len(bag) == 23 and bag.feature_dim == F
+    copy = pickle.loads(pickle.dumps(bag))
+    assert copy._handle is None
+    np.testing.assert_array_equal(copy.read(ids[:2]), features[ids[:2]])
+    assert bag.patch_size_level0 == 16 and bag.level0_size == (80, 80)
+    np.testing.assert_array_equal(bag.positions([6]), [[1, 1]])
+    with pytest.raises(IndexError, match="23"):
+        bag.read([23])
+    bag.close()
+    copy.close()
+
+
+def test_bags_made_in_dataloader_workers_are_read_in_the_main_process(tmp_path):
+    paths = [tmp_path / f"s{i}.h5" for i in range(3)]
+    rows = [write_bag(p, n, seed=i) for i, (p, n) in enumerate(zip(paths, (9, 4, 13), strict=True))]
+    dataset = FeatureBagDataset(paths, [{"metastases": i % 2} for i in range(3)], BINARY)
+    assert dataset.num_patches == [9, 4, 13] and dataset.feature_dim == F
+    loader = DataLoader(dataset, batch_size=3, num_workers=1, collate_fn=collate_patches)
+    (batch,) = list(loader)
+    assert batch["mask"] is None and [len(b) for b in batch["patches"]] == [9, 4, 13]
+    for bag, expected in zip(batch["patches"], rows, strict=True):
+        np.testing.assert_array_equal(bag.read(np.arange(len(bag))), expected)
+    assert batch["targets"]["metastases"].dtype == torch.float32
+    assert batch["targets"]["metastases"].tolist() == [0.0, 1.0, 0.0]
+
+
+def test_non_finite_features_are_an_error_naming_the_file(tmp_path):
+    write_bag(tmp_path / "bad.h5", 10)
+    with h5py.File(tmp_path / "bad.h5", "r+") as f:
+        f["features"][4, 2] = np.nan
+        f["features"][8, 0] = np.inf
+    bag = open_feature_bag(tmp_path / "bad.h5")
+    np.testing.assert_array_equal(bag.read([0, 1]).shape, (2, F))  # clean rows read fine
+    with pytest.raises(ValueError, match=r"bad.h5: features hold NaN or inf \(patch 4"):
+        bag.read(np.arange(10))
+    dataset = FeatureBagDataset([tmp_path / "bad.h5"], [{"metastases": 1}], BINARY)
+    model = bag_model()
+    with pytest.raises(ValueError, match="bad.h5"):
+        model([dataset[0]["patches"]])
+
+
+def test_broken_bags_are_named_at_construction(tmp_path):
+    write_bag(tmp_path / "ok.h5", 5)
+    with h5py.File(tmp_path / "nocoords.h5", "w") as f:
+        f["features"] = np.zeros((3, F), np.float32)
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
+    with pytest.raises(ValueError, match="nocoords.h5: a feature bag needs .* missing coords"):
+        open_feature_bag(tmp_path / "nocoords.h5")
+    with pytest.raises(ValueError, match="junk.h5: cannot read as HDF5"):
+        open_feature_bag(tmp_path / "junk.h5")
+    with pytest.raises(ValueError, match="ok.h5: features have width F=6, expected F=8"):
+        FeatureBagDataset([tmp_path / "ok.h5"], [{"metastases": 0}], BINARY, feature_dim=8)
+    with pytest.raises(ValueError, match="label 2 of task 'metastases'"):
+        FeatureBagDataset([tmp_path / "ok.h5"], [{"metastases": 2}], BINARY)
+
+
+def test_bags_with_fewer_patches_than_m_are_masked_the_same_lazily_and_padded(tmp_path):
+    paths = [tmp_path / "small.h5", tmp_path / "tiny.h5"]
+    for i, (path, n) in enumerate(zip(paths, (3, 2), strict=True)):
+        write_bag(path, n, seed=i)
+    labels = [{"metastases": 0}, {"metastases": 1}]
+    lazy = FeatureBagDataset(paths, labels, BINARY)
+    padded = FeatureBagDataset(paths, labels, BINARY, in_memory=True)
+    model = bag_model(memory_size=8, loading="eager_sequential")
+    batch = collate_patches([padded[0], padded[1]])
+    assert batch["patches"].shape == (2, 3, F)
+    assert batch["mask"].tolist() == [[True, True, True], [True, True, False]]
+    with torch.no_grad():
+        out_padded = model(batch["patches"], batch["mask"])
+        out_lazy = model([lazy[0]["patches"], lazy[1]["patches"]])
+    assert out_lazy.mask.tolist() == [[True, True, True], [True, True, False]]
+    torch.testing.assert_close(out_lazy.logits["metastases"], out_padded.logits["metastases"])
+    # a phantom patch would change the logit of the 2-patch slide: compare with it alone
+    with torch.no_grad():
+        alone = model([lazy[1]["patches"]]).logits["metastases"]
+    torch.testing.assert_close(out_lazy.logits["metastases"][1:], alone)
+
+
+@pytest.mark.parametrize("pos_enc", ["none", "2d"])
+def test_eager_sequential_selects_each_bag_as_lazy_loading_does(tmp_path, pos_enc):
+    bags = []
+    for i, n in enumerate((20, 33)):
+        write_bag(tmp_path / f"{i}.h5", n, seed=i)
+        bags.append(open_feature_bag(tmp_path / f"{i}.h5"))
+    lazy = bag_model(shuffle=False, loading="lazy", pos_enc=pos_enc)
+    sequential = bag_model(shuffle=False, loading="eager_sequential", pos_enc=pos_enc)
+    sequential.load_state_dict(lazy.state_dict())
+    with torch.no_grad():
+        a, b = lazy(bags), sequential(bags)
+    assert torch.equal(a.selected, b.selected) and bool(a.mask.all())
+    torch.testing.assert_close(a.logits["metastases"], b.logits["metastases"])
+    assert (a.selected[0] < 20).all()
+
+
+def test_a_model_trained_on_bags_predicts_them(tmp_path):
+    write_bag(tmp_path / "slide.h5", 12)
+    (prediction,) = ips.predict(bag_model(), [tmp_path / "slide.h5"])
+    assert prediction.ok and prediction.selected_coords.shape == (4, 2)
+    assert prediction.patch_size == 16
+
+
+def labelled_folder(tmp_path, rows: str):
+    folder = tmp_path / "bags"
+    folder.mkdir()
+    for i in range(6):
+        write_bag(folder / f"slide_{i}.h5", 5 + i, seed=i)
+    (folder / "labels.csv").write_text(rows)
+    return folder
+
+
+def bag_config(folder, **options):
+    return config_from_dict(
+        {
+            "model": {
+                "encoder": "features",
+                "feature_dim": F,
+                "tasks": {"metastases": {"kind": "binary"}, "grade": {"num_classes": 3}},
+            },
+            "data": {"dataset": "feature_bags", "path": str(folder), "options": options},
+            "train": {"seed": 0},
+        }
+    )
+
+
+def test_the_feature_bags_dataset_reads_labels_and_splits_from_a_csv(tmp_path):
+    rows = "slide,metastases,grade,split\n" + "".join(
+        f"slide_{i},{i % 2},{i % 3},{'test' if i >= 4 else 'train'}\n" for i in range(6)
+    )
+    folder = labelled_folder(tmp_path, rows)
+    config = bag_config(folder)
+    train, val = build_dataset(config, "train"), build_dataset(config, "val")
+    test = build_dataset(config, "test")
+    assert len(train) + len(val) == 4 and len(val) == 1
+    assert sorted(train.names + val.names) == [f"slide_{i}" for i in range(4)]
+    assert test.names == ["slide_4", "slide_5"] and test.num_patches == [9, 10]
+    item = test[1]
+    assert item["targets"]["metastases"].item() == 1.0
+    assert item["targets"]["grade"].dtype == torch.long and item["targets"]["grade"].item() == 2
+
+
+def test_the_feature_bags_dataset_names_missing_bags_and_bad_labels(tmp_path):
+    folder = labelled_folder(tmp_path, "slide,metastases,grade\nslide_0,1,0\nslide_9,0,1\n")
+    with pytest.raises(FileNotFoundError, match=r"no feature bag for 1 slide\(s\).*slide_9"):
+        build_dataset(bag_config(folder), "train")
+    skipping = build_dataset(bag_config(folder, missing="skip"), "train")
+    assert len(skipping) == 1
+    (folder / "labels.csv").write_text("slide,metastases,grade\nslide_0,yes,0\n")
+    with pytest.raises(ValueError, match="slide_0: label of task 'metastases' must be an integer"):
+        build_dataset(bag_config(folder), "train")
+    with pytest.raises(ValueError, match="unknown key.*colour"):
+        build_dataset(bag_config(folder, colour=1), "train")
+
+
+def test_in_memory_bags_are_plain_feature_bags(tmp_path):
+    features = np.arange(12, dtype=np.float32).reshape(4, 3)
+    bag = FeatureBag(features, np.array([[0, 0], [10, 0], [0, 10], [10, 10]]), name="mem")
+    np.testing.assert_array_equal(bag.read([3, 0]), features[[3, 0]])
+    assert bag.patch_size_level0 == 10 and bag.level0_size == (20, 20)
+
+
+def test_the_benchmark_reads_rows_with_the_same_feature_file_class():
+    import ips.bench
+
+    assert ips.bench.FeatureFile is FeatureFile
