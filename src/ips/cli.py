@@ -12,10 +12,24 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from ips.config import Config
 
 log = logging.getLogger("ips")
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, ImportError, FloatingPointError)
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    ImportError,
+    FloatingPointError,
+)
 
 
 def _device(name: str):
@@ -54,8 +68,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, config)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (torchrun: cuda:LOCAL_RANK)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        metavar="K",
+        help="train in K processes on this machine (one per GPU) through torch.distributed.run; "
+        "several machines: torchrun (see the README)",
+    )
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=30.0,
+        metavar="MINUTES",
+        help="several processes: how long one waits for the others before failing",
+    )
     _common(p)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint; prints metrics as JSON")
@@ -136,6 +166,60 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--lesions", type=int, default=0, help="darker lesion regions in the tissue")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--blank", action="store_true", help="glass only, no tissue")
+    _common(p)
+
+    p = sub.add_parser(
+        "extract-features",
+        help="encode the tissue tiles of slides: one HDF5 feature bag per slide",
+        description="Tissue detection, tiles of --patch-size pixels at --level or --target-mpp, "
+        "batched encoding; writes OUT/<slide>.h5 (features (N, F), coords (N, 2) level-0) and "
+        "OUT/extraction_summary.json. Slides with a bag are skipped (resume); a slide that "
+        "fails is reported and skipped. Under torchrun each process takes every K-th slide "
+        "and writes extraction_summary.rank<r>.json.",
+    )
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="slide files, folders (a CAMELYON16 folder gives all its slides), .txt slide lists",
+    )
+    p.add_argument("--out", required=True, help="folder of feature bags")
+    p.add_argument(
+        "--encoder",
+        default="resnet50_4blocks",
+        help="a registered pixel encoder (resnet18_2blocks, resnet50_4blocks, ...) or "
+        "timm:<model> (needs the timm extra)",
+    )
+    p.add_argument(
+        "--weights",
+        help="'imagenet' (pretrained, downloaded once) or a state-dict file; default untrained",
+    )
+    p.add_argument("--patch-size", type=int, default=256, help="tile side in read pixels")
+    p.add_argument("--level", type=int, help="pyramid level to read (default 0)")
+    p.add_argument("--target-mpp", type=float, help="read at this many microns per pixel")
+    p.add_argument("--mpp", type=float, help="level-0 microns per pixel (overrides the file)")
+    p.add_argument(
+        "--tissue", default="otsu", choices=["otsu", "none"], help="tissue detection ('none': all)"
+    )
+    p.add_argument("--min-tissue", type=float, default=0.01, help="least tissue share of a tile")
+    p.add_argument("--batch-size", type=int, default=64, help="tiles per encoder call")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader processes reading tiles")
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast")
+    p.add_argument("--seed", type=int, default=0, help="initialises an untrained encoder")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    _common(p)
+
+    p = sub.add_parser(
+        "download-traffic-signs",
+        help="fetch the Swedish traffic signs sets 1 and 2 (HTTPS, SHA-256 checked)",
+    )
+    p.add_argument("--out", required=True, help="dataset folder (Set1/, Set2/ go here)")
+    p.add_argument(
+        "--sha256",
+        help="sha256sum listing of the files (Set1/annotations.txt, Set1/Set1Part0.zip, ...); "
+        "default: the digests shipped with ips",
+    )
     _common(p)
 
     p = sub.add_parser("bench", help="measurements (see: ips bench memory --help)")
@@ -236,13 +320,29 @@ def get_args_parser() -> argparse.ArgumentParser:
 def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    if not getattr(args, "debug", False):  # readers raise one clear error of their own
+        logging.getLogger("tifffile").setLevel(logging.CRITICAL)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from ips import distributed
     from ips.config import load_config, resolve_config_path
     from ips.train import fit
 
+    _check_positive(args, "nproc")
+    if not args.dist_timeout > 0:
+        raise ValueError(f"--dist-timeout must be > 0 minutes, got {args.dist_timeout}")
     config = load_config(resolve_config_path(args.config), args.overrides)
+    if args.nproc is not None and args.nproc > 1:
+        if distributed.launched():
+            raise ValueError("--nproc starts the processes itself: leave it out under torchrun")
+        if not args.resume:  # (a resumed run keeps its stored batch size)
+            distributed.micro_batch_size(
+                config.train.batch_size, args.nproc, config.train.accumulate
+            )
+        return _launch_train(args)
+    if distributed.launched():
+        return _train_in_process_group(args, config)
     summary = fit(
         config,
         args.out,
@@ -250,6 +350,85 @@ def cmd_train(args: argparse.Namespace) -> int:
         device=_device(args.device),
         progress=not args.no_progress,
     )
+    log.info("run folder: %s (best validation score %.4f)", summary["run_dir"], summary["best"])
+    return 0
+
+
+def _launch_train(args: argparse.Namespace) -> int:
+    """``ips train --nproc K``: the same command in K processes, through torch's launcher."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from ips import distributed
+
+    argv = _without_option(args.argv, "--nproc")
+    try:
+        distributed.launch(argv, nproc=args.nproc)
+    except ChildFailedError as err:  # the launcher stopped the other processes
+        failures = sorted(err.failures.items(), key=lambda item: (_failed_at(item[1]), item[0]))
+        for rank, failure in failures:  # the first is the cause, later ones may be its echo
+            reason = failure.message  # the process's error (from its error file) or signal
+            if isinstance(reason, dict):
+                reason = reason.get("message", "")
+            known = failure.error_file != "<N/A>" or failure.exitcode < 0
+            reason = " ".join(str(reason).split()) if known else ""
+            print(
+                f"ips: error: process {rank} of {args.nproc} failed with exit status "
+                f"{failure.exitcode}{': ' + reason if reason else ''}",
+                file=sys.stderr,
+            )
+        return next((f.exitcode for _, f in failures if f.exitcode > 0), 1)
+    return 0
+
+
+def _failed_at(failure: ProcessFailure) -> float:
+    """When a launched process failed: its error file's time, else the launcher's record."""
+    path = Path(failure.error_file)
+    return path.stat().st_mtime if path.is_file() else float(failure.timestamp)
+
+
+def _without_option(argv: Sequence[str], option: str) -> list[str]:
+    """``argv`` less ``option VALUE`` / ``option=VALUE`` (or an abbreviation argparse took)."""
+    out, skip = [], False
+    for token in argv:
+        name = token.split("=", 1)[0]
+        if skip:
+            skip = False
+        elif len(name) >= 4 and option.startswith(name):
+            skip = "=" not in token
+        else:
+            out.append(token)
+    return out
+
+
+def _train_in_process_group(args: argparse.Namespace, config: Config) -> int:
+    """One of several processes started by torchrun: join the group, train, leave."""
+    from datetime import timedelta
+
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    from ips import distributed
+    from ips.train import fit
+
+    @record  # the launcher reports this process's error, traceback included
+    def run() -> dict:
+        timeout = timedelta(minutes=args.dist_timeout)
+        device = distributed.init_distributed(_device(args.device), timeout=timeout)
+        ranks = distributed.current()
+        if not ranks.is_main:  # rank 0 reports progress; the others only their warnings
+            logging.basicConfig(
+                level=logging.WARNING,
+                format=f"[rank {ranks.rank}] %(message)s",
+                stream=sys.stderr,
+                force=True,
+            )
+        log.info("process group of %d processes (%s)", ranks.world_size, device.type)
+        summary = fit(
+            config, args.out, resume=args.resume, device=device, progress=not args.no_progress
+        )
+        distributed.shutdown()  # after an error the launcher stops every process instead
+        return summary
+
+    summary = run()
     log.info("run folder: %s (best validation score %.4f)", summary["run_dir"], summary["best"])
     return 0
 
@@ -326,7 +505,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     for failed in summary["failed"]:
-        print(f"ips: skipped {failed['path']}: {failed['error']}", file=sys.stderr)
+        print(f"ips: skipped {failed['error']}", file=sys.stderr)  # the error names the input
     log.info(
         "%d of %d inputs predicted: %s",
         summary["succeeded"],
@@ -392,6 +571,55 @@ def cmd_make_slide(args: argparse.Namespace) -> int:
         slide.mpp,
         len(slide.lesion_boxes),
     )
+    return 0
+
+
+def cmd_extract_features(args: argparse.Namespace) -> int:
+    import os
+
+    from ips.features import extract_features
+
+    _check_positive(args, "patch_size", "batch_size")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    device = _device(args.device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = _device(f"cuda:{int(os.environ['LOCAL_RANK'])}")  # torchrun: one GPU each
+    summary = extract_features(
+        args.inputs,
+        args.out,
+        encoder=args.encoder,
+        weights=args.weights,
+        patch_size=args.patch_size,
+        level=args.level,
+        target_mpp=args.target_mpp,
+        mpp=args.mpp,
+        tissue=None if args.tissue == "none" else args.tissue,
+        min_tissue=args.min_tissue,
+        amp=args.amp,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        device=device,
+        progress=not args.no_progress,
+    )
+    for failed in summary["failed"]:
+        print(f"ips: skipped {failed['error']}", file=sys.stderr)  # the error names the slide
+    log.info(
+        "%d slides extracted, %d already done, %d failed; summary: %s",
+        len(summary["extracted"]),
+        len(summary["skipped"]),
+        len(summary["failed"]),
+        summary["summary"],
+    )
+    return 1 if summary["failed"] else 0
+
+
+def cmd_download_traffic_signs(args: argparse.Namespace) -> int:
+    from ips.data.traffic_signs import download_traffic_signs
+
+    root = download_traffic_signs(args.out, sha256=args.sha256)
+    log.info("Swedish traffic signs (sets 1 and 2) in %s", root)
     return 0
 
 
@@ -539,6 +767,8 @@ COMMANDS = {
     "make-mnist": cmd_make_mnist,
     "demo": cmd_demo,
     "make-slide": cmd_make_slide,
+    "extract-features": cmd_extract_features,
+    "download-traffic-signs": cmd_download_traffic_signs,
     "bench": cmd_bench,
 }
 
@@ -546,6 +776,7 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for ips train --nproc
     if args.version:
         from ips import __version__
 

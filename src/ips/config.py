@@ -178,9 +178,16 @@ class TrainConfig:
     eval_every: int = 1  # evaluate every this many epochs
     log_every: int = 10  # write step metrics every this many steps
     deterministic: bool = False  # deterministic algorithms only (bit-identical CPU repeats)
+    accumulate: int = 1  # micro-steps per optimizer step (B / accumulate images each)
+    sync_batchnorm: bool = False  # BatchNorm statistics over all processes (CUDA, several)
 
     def __post_init__(self) -> None:
-        _positive(self, "train", "epochs", "batch_size", "eval_every", "log_every")
+        _positive(self, "train", "epochs", "batch_size", "eval_every", "log_every", "accumulate")
+        if self.batch_size % self.accumulate:
+            raise ValueError(
+                f"train.batch_size ({self.batch_size}) must be a multiple of train.accumulate "
+                f"({self.accumulate}): each micro-step takes batch_size / accumulate images"
+            )
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
         if self.amp not in ("none", "bf16", "fp16"):

@@ -4,6 +4,10 @@
 (atomically), ``metrics.csv``, TensorBoard events and the resolved ``config.yaml`` into
 ``run_dir``, and resumes exactly where it stopped with ``resume=True`` (at an epoch boundary:
 data order, selection order and dropout are seeded per epoch).
+
+Under torchrun every process calls ``fit`` (see ``ips.distributed``): ``train.batch_size`` is
+the global batch B of one optimizer step, split over the processes and ``train.accumulate``
+micro-steps; only rank 0 writes into ``run_dir``.
 """
 
 from __future__ import annotations
@@ -16,19 +20,22 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
+from ips import distributed
 from ips.aggregation import masked_mean_entropy
 from ips.config import Config, TrainConfig, config_from_dict, save_config
 from ips.data.collate import SkipErrors, collate_patches
 from ips.data.registry import build_dataset
+from ips.distributed import EvalBatchSampler, TrainBatchSampler
 from ips.files import atomic_write
 from ips.heads import compute_loss, predictions, probabilities
 from ips.model import IPSModel, load_checkpoint, save_checkpoint
@@ -145,6 +152,20 @@ class MetricTracker:
     def add(self, name: str, values: Iterable[float]) -> None:
         self.extra.setdefault(name, []).extend(float(v) for v in values)
 
+    @classmethod
+    def merged(cls, trackers: Sequence[MetricTracker]) -> MetricTracker:
+        """One tracker holding the updates of ``trackers`` (e.g. one per process), in order."""
+        out = cls(trackers[0].tasks)
+        for tracker in trackers:
+            for name in out.logits:
+                out.logits[name] += tracker.logits[name]
+                out.targets[name] += tracker.targets[name]
+            out.losses += tracker.losses
+            out.sizes += tracker.sizes
+            for name, values in tracker.extra.items():
+                out.add(name, values)
+        return out
+
     def compute(self) -> dict[str, float]:
         out: dict[str, float] = {}
         if self.sizes:
@@ -206,17 +227,20 @@ def selection_diagnostics(
 # ---- loops ----------------------------------------------------------------------------------
 
 
-def _forward(model: IPSModel, batch: Mapping[str, Any], device, generator, amp: str):
+def _forward(model: nn.Module, batch: Mapping[str, Any], device, generator, amp: str):
+    """Selection, then the gradient pass, of ``model`` (an IPSModel, possibly inside
+    DistributedDataParallel) on one batch; returns the output, mean loss and targets."""
+    core = distributed.unwrap(model)
     targets = {k: v.to(device) for k, v in batch["targets"].items()}
-    grid = getattr(model, "grid_shape", None)
+    grid = getattr(core, "grid_shape", None)
     with autocast(device, amp):
         out = model(batch["patches"], batch["mask"], grid_shape=grid, generator=generator)
-    loss, _ = compute_loss(out.logits, targets, model.tasks)
+    loss, _ = compute_loss(out.logits, targets, core.tasks)
     return out, loss, targets
 
 
 def train_one_epoch(
-    model: IPSModel,
+    model: nn.Module,
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LambdaLR,
@@ -228,53 +252,116 @@ def train_one_epoch(
     progress: Callable[[Iterable], Iterable] | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns the epoch's training metrics."""
+    """One pass over ``loader``; returns the epoch's training metrics (over all processes).
+
+    ``model`` is an IPSModel, or one inside DistributedDataParallel (``distributed.wrap``).
+    Its forward selects first (no gradients, eval mode, on this process's images only), then
+    runs the gradient pass; DDP averages the gradients over the processes during backward.
+
+    With a loader from ``make_train_loader``, one optimizer step takes ``train.accumulate``
+    micro-batches (gradients summed, DDP synchronising only the last). The mean loss of each
+    micro-batch is weighted by its share of the images of the whole step, so the step follows
+    the gradient of the mean loss over the batch, whatever the number of processes and
+    micro-steps. Any other loader's batches are one step each.
+    """
+    core = distributed.unwrap(model)
+    parallel = isinstance(model, DistributedDataParallel)
+    sampler = loader.batch_sampler
+    planned = isinstance(sampler, TrainBatchSampler)
+    world_size = sampler.world_size if planned else 1
+    if parallel != (world_size > 1):
+        raise ValueError(
+            "a model in DistributedDataParallel needs a loader from make_train_loader with the "
+            "process group's world_size, and such a loader needs the wrapped model"
+        )
+    shares = iter(sampler.shares) if planned else None
     model.train()
-    tracker = MetricTracker(model.tasks)
+    tracker = MetricTracker(core.tasks)
     dataset = loader.dataset
-    start, seen = time.perf_counter(), 0
+    start, seen, skipped = time.perf_counter(), 0, 0
+    fallback = None  # the last micro-batch with images: stands in for one whose images all failed
     batches = progress(loader) if progress else loader
-    skipped = 0
-    for batch in batches:
-        skipped += _report_skipped(batch)
-        if not len(batch["index"]):
+    for parts in _chunks(batches, sampler.accumulate if planned else 1):
+        counts = []  # images of each micro-batch that count (none for a stand-in)
+        for batch in parts:
+            skipped += _report_skipped(batch)
+            share = next(shares)[0] if shares is not None else len(batch["index"])
+            counts.append(min(share, len(batch["index"])))
+        total = int(distributed.all_sum([sum(counts)])[0]) if parallel else sum(counts)
+        if total == 0:  # every image of this batch failed to read, on every process
             continue
-        out, loss, targets = _forward(model, batch, device, generator, cfg.amp)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"the training loss became {loss.item()} at step {scheduler.last_epoch}; "
-                "the last good checkpoint is kept (lower train.lr or set train.grad_clip)"
-            )
         optimizer.zero_grad(set_to_none=True)
+        order = generator.get_state()
+        step_loss = 0.0
+        for i, (batch, count) in enumerate(zip(parts, counts, strict=True)):
+            if not count:
+                if not parallel:  # nothing to do and no other process to keep in step with
+                    continue
+                batch = batch if len(batch["index"]) else fallback  # weighted 0 below
+                if batch is None:
+                    raise RuntimeError(
+                        f"rank {distributed.current().rank}: no image of its first micro-batch "
+                        "could be read, so it has nothing to keep in step with the other "
+                        "processes (see the skipped items above)"
+                    )
+            generator.set_state(order)  # each micro-batch visits patches in the batch's order
+            synced = i == len(parts) - 1 or not parallel
+            with contextlib.nullcontext() if synced else model.no_sync():
+                out, loss, targets = _forward(model, batch, device, generator, cfg.amp)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"the training loss became {loss.item()} at step {scheduler.last_epoch}; "
+                        "the last good checkpoint is kept (lower train.lr or set train.grad_clip)"
+                    )
+                weighted = loss * (count * world_size / total)  # DDP divides by world_size
+                (scaler.scale(weighted) if scaler is not None else weighted).backward()
+            if not count:
+                continue
+            fallback = batch
+            tracker.update(out.logits, targets, loss.item())
+            for name, values in selection_diagnostics(
+                dataset, batch["index"], out.selected, out.mask, out.attention
+            ).items():
+                tracker.add(name, values)
+            step_loss += loss.item() * count
         if scaler is not None:
-            scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-        else:
-            loss.backward()
         if cfg.grad_clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            nn.utils.clip_grad_norm_(core.parameters(), cfg.grad_clip)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
         else:
             optimizer.step()
         scheduler.step()
-        tracker.update(out.logits, targets, loss.item())
-        for name, values in selection_diagnostics(
-            dataset, batch["index"], out.selected, out.mask, out.attention
-        ).items():
-            tracker.add(name, values)
-        seen += len(batch["index"])
+        if parallel:
+            step_loss = distributed.all_sum([step_loss])[0]
+        seen += total
         rate = seen / max(time.perf_counter() - start, 1e-9)
-        stats = {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"], "img/s": rate}
+        stats = {"loss": step_loss / total, "lr": optimizer.param_groups[0]["lr"], "img/s": rate}
         if hasattr(batches, "set_postfix"):
             batches.set_postfix({k: f"{v:.3g}" for k, v in stats.items()})
         if on_step is not None:
             on_step(scheduler.last_epoch, stats)
+    if parallel:
+        tracker = MetricTracker.merged(distributed.all_gather(tracker))
+        skipped = int(distributed.all_sum([skipped])[0])
     metrics = tracker.compute()
     metrics["images_per_second"] = seen / max(time.perf_counter() - start, 1e-9)
     metrics["skipped"] = skipped
     return metrics
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive groups of ``size`` items (the last may be shorter)."""
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _report_skipped(batch: Mapping[str, Any]) -> int:
@@ -285,7 +372,7 @@ def _report_skipped(batch: Mapping[str, Any]) -> int:
 
 @torch.no_grad()
 def evaluate(
-    model: IPSModel,
+    model: nn.Module,
     loader: DataLoader,
     *,
     device: torch.device,
@@ -294,25 +381,45 @@ def evaluate(
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> dict[str, float]:
     """Metrics per task (accuracy, exact match and label accuracy, AUC), the loss, and the
-    selection diagnostics, with the model in eval mode and a fixed selection seed."""
-    was_training = model.training
-    model.eval()
-    generator = torch.Generator().manual_seed(seed)
-    tracker = MetricTracker(model.tasks)
+    selection diagnostics, with the model in eval mode.
+
+    The selection order of batch k is seeded by (``seed``, k), so a batch gives the same
+    result whichever process evaluates it: with a loader from ``make_eval_loader`` each
+    process evaluates its share of the batches and the results are gathered in batch order,
+    which gives the metrics of one process evaluating them all.
+    """
+    core = distributed.unwrap(model)  # no DDP forward: processes evaluate different numbers
+    was_training = core.training
+    core.eval()
+    sampler = loader.batch_sampler
+    sharded = isinstance(sampler, EvalBatchSampler) and sampler.world_size > 1
+    batch_ids = sampler.batch_ids if isinstance(sampler, EvalBatchSampler) else range(len(loader))
+    records = []  # (batch number, logits, targets, loss, diagnostics)
+    skipped = 0
     try:
-        skipped = 0
-        for batch in progress(loader) if progress else loader:
+        for k, batch in zip(batch_ids, progress(loader) if progress else loader, strict=True):
             skipped += _report_skipped(batch)
             if not len(batch["index"]):
                 continue
-            out, loss, targets = _forward(model, batch, device, generator, amp)
-            tracker.update(out.logits, targets, loss.item())
-            for name, values in selection_diagnostics(
+            generator = torch.Generator().manual_seed(seed * 1_000_033 + k)
+            out, loss, targets = _forward(core, batch, device, generator, amp)
+            diagnostics = selection_diagnostics(
                 loader.dataset, batch["index"], out.selected, out.mask, out.attention
-            ).items():
-                tracker.add(name, values)
+            )
+            logits = {name: value.float().cpu() for name, value in out.logits.items()}
+            targets = {name: value.cpu() for name, value in targets.items()}
+            records.append((k, logits, targets, loss.item(), diagnostics))
     finally:
-        model.train(was_training)
+        core.train(was_training)
+    if sharded:
+        gathered = [record for part in distributed.all_gather(records) for record in part]
+        records = sorted(gathered, key=lambda record: record[0])  # batch order
+        skipped = int(distributed.all_sum([skipped])[0])
+    tracker = MetricTracker(core.tasks)
+    for _, logits, targets, loss, diagnostics in records:
+        tracker.update(logits, targets, loss)
+        for name, values in diagnostics.items():
+            tracker.add(name, values)
     return {**tracker.compute(), "skipped": skipped}
 
 
@@ -372,23 +479,68 @@ def make_loader(
 ) -> DataLoader:
     """A loader whose shuffling is seeded by (seed, epoch), so a resumed epoch sees the same
     order."""
-    generator = torch.Generator().manual_seed(config.train.seed * 100_003 + epoch)
+    generator = torch.Generator().manual_seed(_shuffle_seed(config.train.seed, epoch))
+    return _loader(
+        dataset,
+        config,
+        batch_size=batch_size or config.train.batch_size,
+        shuffle=shuffle,
+        generator=generator if shuffle else None,
+    )
+
+
+def make_train_loader(
+    dataset: Dataset, config: Config, *, epoch: int, rank: int = 0, world_size: int = 1
+) -> DataLoader:
+    """This process's training micro-batches for one epoch: the batches of
+    ``make_loader(shuffle=True)`` (seeded by (seed, epoch)), each split over ``world_size``
+    processes and ``train.accumulate`` micro-steps (see ``TrainBatchSampler``)."""
+    seed = _shuffle_seed(config.train.seed, epoch)
+    sampler = TrainBatchSampler(
+        len(dataset),
+        config.train.batch_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        accumulate=config.train.accumulate,
+    )
+    # the loader's own generator only seeds its worker processes (augmentation): one per rank
+    generator = torch.Generator().manual_seed(seed + rank * 1_000_000_007)
+    return _loader(dataset, config, batch_sampler=sampler, generator=generator)
+
+
+def make_eval_loader(
+    dataset: Dataset, config: Config, *, rank: int = 0, world_size: int = 1
+) -> DataLoader:
+    """This process's share of the evaluation batches (``train.batch_size`` consecutive images
+    each, dealt to the processes in turn; see ``EvalBatchSampler``)."""
+    sampler = EvalBatchSampler(
+        len(dataset), config.train.batch_size, rank=rank, world_size=world_size
+    )
+    return _loader(dataset, config, batch_sampler=sampler)
+
+
+def _loader(dataset: Dataset, config: Config, **options: Any) -> DataLoader:
     if config.data.on_error == "skip":
         dataset = SkipErrors(dataset)
     return DataLoader(
         dataset,
-        batch_size=batch_size or config.train.batch_size,
-        shuffle=shuffle,
-        generator=generator if shuffle else None,
         num_workers=config.data.num_workers,
         collate_fn=collate_patches,
         persistent_workers=False,
+        **options,
     )
 
 
-def _seed_epoch(seed: int, epoch: int) -> torch.Generator:
-    torch.manual_seed(seed * 1_000_003 + epoch)  # dropout and anything else drawing globally
-    return torch.Generator().manual_seed(seed * 7_919 + epoch)  # selection order
+def _shuffle_seed(seed: int, epoch: int) -> int:
+    return seed * 100_003 + epoch
+
+
+def _seed_epoch(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
+    # dropout and anything else drawing globally: its own stream on each process
+    torch.manual_seed(seed * 1_000_003 + epoch + rank * 1_000_000_007)
+    # selection order: the same on every process, as one process would draw it
+    return torch.Generator().manual_seed(seed * 7_919 + epoch)
 
 
 def fit(
@@ -402,18 +554,26 @@ def fit(
 ) -> dict[str, Any]:
     """Train ``config`` into ``run_dir``; return a summary with the best and last metrics.
 
+    In a process group (``distributed.init_distributed``, e.g. under torchrun) every process
+    calls ``fit``: each trains on its share of every batch through DistributedDataParallel and
+    evaluates its share of the validation batches; only rank 0 writes into ``run_dir``. The
+    checkpoints hold nothing that depends on the number of processes, so a run resumes under
+    any number.
+
     Args:
         config: the run's configuration (data, model, selection, train).
-        run_dir: output folder (created).
+        run_dir: output folder (created); every process reads ``last.pt`` from it to resume.
         resume: continue from ``run_dir/last.pt`` (its stored config wins over ``config``
             except for ``train.epochs``).
-        device: where the model runs.
-        progress: show tqdm progress bars.
+        device: where the model runs (this process's device).
+        progress: show tqdm progress bars (rank 0 only).
         max_epochs: stop after this many epochs in this call (for time-boxed runs); the
             schedule still follows ``train.epochs``.
     """
+    ranks = distributed.current()
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if ranks.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     state: dict[str, Any] | None = None
     if resume:
@@ -428,8 +588,15 @@ def fit(
             data=stored.data,
             train=config.train if config.train.epochs != stored.train.epochs else stored.train,
         )
-    save_config(config, run_dir / "config.yaml")
     cfg = config.train
+    distributed.micro_batch_size(cfg.batch_size, ranks.world_size, cfg.accumulate)
+    if cfg.sync_batchnorm and ranks.world_size > 1 and device.type != "cuda":
+        raise ValueError(
+            "train.sync_batchnorm needs CUDA devices (torch's SyncBatchNorm does not run on "
+            "the CPU); leave it false for CPU processes"
+        )
+    if ranks.is_main:
+        save_config(config, run_dir / "config.yaml")
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
 
@@ -438,7 +605,9 @@ def fit(
     torch.manual_seed(cfg.seed)
     model = IPSModel(config.model, config.selection).to(device)
     model.grid_shape = getattr(train_set, "grid_shape", None)
-    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    if cfg.sync_batchnorm and ranks.world_size > 1:  # same parameters and buffers, synced
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)  # optimizer steps
     optimizer, scheduler = build_optimizer(model, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
     start_epoch, best = 0, -math.inf
@@ -449,20 +618,25 @@ def fit(
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         start_epoch, best = int(state["epoch"]), float(state["best"])
-        log.info("resumed %s at epoch %d", run_dir, start_epoch)
+        if ranks.is_main:
+            log.info("resumed %s at epoch %d", run_dir, start_epoch)
+    # DDP copies rank 0's parameters and buffers to every process here
+    trained = distributed.wrap(model) if ranks.world_size > 1 else model
 
-    logger = RunLogger(run_dir)
-    bar = _progress_factory(progress)
+    logger = RunLogger(run_dir, enabled=ranks.is_main)
+    bar = _progress_factory(progress and ranks.is_main)
     history: list[dict[str, Any]] = []
     started = time.perf_counter()
     stop = cfg.epochs if max_epochs is None else min(cfg.epochs, start_epoch + max_epochs)
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, stop):
-            generator = _seed_epoch(cfg.seed, epoch)
-            loader = make_loader(train_set, config, shuffle=True, epoch=epoch)
+            generator = _seed_epoch(cfg.seed, epoch, ranks.rank)
+            loader = make_train_loader(
+                train_set, config, epoch=epoch, rank=ranks.rank, world_size=ranks.world_size
+            )
             train_metrics = train_one_epoch(
-                model,
+                trained,
                 loader,
                 optimizer,
                 scheduler,
@@ -480,9 +654,11 @@ def fit(
             row.update({f"train_{k}": v for k, v in train_metrics.items()})
             is_best = False
             if val_set is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == stop):
+                if ranks.world_size > 1:  # BatchNorm statistics of rank 0, as checkpointed
+                    distributed.broadcast_buffers(model)
                 val = evaluate(
                     model,
-                    make_loader(val_set, config, shuffle=False),
+                    make_eval_loader(val_set, config, rank=ranks.rank, world_size=ranks.world_size),
                     device=device,
                     amp=cfg.amp,
                     seed=cfg.seed,
@@ -495,21 +671,24 @@ def fit(
                 is_best = True
             row["elapsed_s"] = time.perf_counter() - started
             extra = {"epoch": epoch + 1, "best": best, "metrics": json.dumps(row)}
-            save_checkpoint(
-                run_dir / "last.pt",
-                model,
-                config,
-                optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(),
-                **({"scaler": scaler.state_dict()} if scaler else {}),
-                **extra,
-            )
-            if is_best:
-                save_checkpoint(run_dir / "best.pt", model, config, **extra)
+            if ranks.is_main:
+                save_checkpoint(
+                    run_dir / "last.pt",
+                    model,
+                    config,
+                    optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(),
+                    **({"scaler": scaler.state_dict()} if scaler else {}),
+                    **extra,
+                )
+                if is_best:
+                    save_checkpoint(run_dir / "best.pt", model, config, **extra)
+                log.info("epoch %d: %s", epoch + 1, _summary(row))
             logger.epoch(row)
             history.append(row)
-            log.info("epoch %d: %s", epoch + 1, _summary(row))
     except KeyboardInterrupt:
+        if not ranks.is_main:
+            raise
         # last.pt stays at the last finished epoch (an exact resume point); keep the weights
         # reached inside the interrupted epoch beside it
         save_checkpoint(
@@ -530,6 +709,7 @@ def fit(
         raise
     finally:
         logger.close()
+    distributed.barrier()  # when fit returns on any process, rank 0 has written everything
     return {"run_dir": str(run_dir), "epochs": stop, "best": best, "history": history}
 
 
@@ -577,8 +757,8 @@ def evaluate_checkpoint(
     selection seed used at training time, so validation metrics match the logged ones."""
     from ips.model import load_model
 
-    payload = load_checkpoint(checkpoint)
-    config = config_from_dict(payload["config"])
+    model = load_model(checkpoint)  # checks the stored config and weights, naming the file
+    config = config_from_dict(load_checkpoint(checkpoint)["config"])
     if data_path is not None:
         config = Config(
             model=config.model,
@@ -587,7 +767,7 @@ def evaluate_checkpoint(
             train=config.train,
         )
     device = torch.device(device)
-    model = load_model(checkpoint).to(device)
+    model = model.to(device)
     dataset = build_dataset(config, split)
     model.grid_shape = getattr(dataset, "grid_shape", None)
     bar = _progress_factory(progress)(f"eval {split}")
