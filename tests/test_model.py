@@ -176,3 +176,33 @@ def test_loading_a_checkpoint_with_mismatched_weights_names_the_file(tiny, tmp_p
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         ips.load_model(tmp_path / "nope.pt")
+
+
+def test_eval_forward_in_micro_batches_with_copies_encoded_once_equals_one_call(tiny, monkeypatch):
+    patches = random_patches(2, 30)
+    patches[:, ::2] = 0  # half the patches are the same blank patch
+    calls = []
+    outputs = []
+    for options in (dict(dedup=False, encoder_batch_size=1000), dict(encoder_batch_size=3)):
+        model = _model(tiny, memory_size=10, **options).eval()
+        original = model.encoder.forward
+        monkeypatch.setattr(
+            model.encoder, "forward", lambda x, f=original: calls.append(len(x)) or f(x)
+        )
+        calls.clear()
+        with torch.inference_mode():
+            outputs.append(model(patches, generator=torch.Generator().manual_seed(0)))
+        sizes = list(calls)
+    assert max(sizes) <= 3  # micro-batches of 3, also for the kept patches
+    assert torch.equal(outputs[0].selected, outputs[1].selected)
+    for name in outputs[0].logits:
+        torch.testing.assert_close(outputs[0].logits[name], outputs[1].logits[name])
+
+
+def test_training_forward_encodes_the_kept_patches_in_one_call(tiny, monkeypatch):
+    model = _model(tiny, memory_size=10, encoder_batch_size=3).train()
+    calls = []
+    original = model.encoder.forward
+    monkeypatch.setattr(model.encoder, "forward", lambda x: calls.append(len(x)) or original(x))
+    model(random_patches(2, 30), generator=torch.Generator().manual_seed(0))
+    assert calls[-1] == 2 * 10  # BatchNorm statistics over the B x M kept patches together

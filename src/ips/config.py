@@ -122,7 +122,7 @@ class SelectionConfig:
 
     memory_size: int = 100  # M: patches kept after each iteration
     chunk_size: int = 100  # I: patches encoded and scored per iteration
-    encoder_batch_size: int | None = None  # patches per encoder call; None: a whole chunk
+    encoder_batch_size: int | None = None  # patches per encoder call; None: 128 on CPUs, else I
     loading: str = "lazy"  # "eager", "eager_sequential" or "lazy" (see ips.model)
     dedup: bool = True  # encode identical patches (e.g. blank background) once per chunk
     distinct: bool = False  # keep one copy of identical patches in memory (collapse guard)

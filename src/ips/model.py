@@ -49,6 +49,7 @@ from ips.selection import (
 
 CHECKPOINT_FORMAT = "ips-checkpoint"
 CHECKPOINT_VERSION = 1
+CPU_ENCODER_BATCH = 128  # patches per no-gradient encoder call on a CPU by default
 
 
 class IPSOutput(NamedTuple):
@@ -211,7 +212,7 @@ class IPSModel(nn.Module):
                 chunk_size=sel.chunk_size,
                 mask=image_mask,
                 device=device,
-                encoder_batch_size=sel.encoder_batch_size,
+                encoder_batch_size=self._encoder_batch_size(device),
                 dedup=sel.dedup,
                 distinct=sel.distinct,
                 shuffle=sel.shuffle,
@@ -271,7 +272,16 @@ class IPSModel(nn.Module):
             )
         raw = gather_patches(patches, selection, mask=mask, device=device)  # (n_valid, ...)
         valid = selection.mask.to(device)
-        emb = embed_valid(self.embed, raw, selection.mask)  # (B, K, D), with gradients
+        if self.encoder.training:  # batch statistics: the K patches of the batch together
+            emb = embed_valid(self.embed, raw, selection.mask)  # (B, K, D), with gradients
+        else:  # patches are independent: micro-batches and copies encoded once are exact
+            emb = embed_valid(
+                self.embed,
+                raw,
+                selection.mask,
+                batch_size=self._encoder_batch_size(device),
+                dedup=self.selection_config.dedup,
+            )
         ids = selection.ids.to(device)
         pos = self.positional(ids, self._positions(ids, grid_shape, patches))
         if pos is not None:
@@ -291,6 +301,15 @@ class IPSModel(nn.Module):
         if self.model_config.pos_enc != "2d":
             return None
         return _grid_positions(ids, grid_shape, patches)
+
+    def _encoder_batch_size(self, device: torch.device) -> int | None:
+        """Patches per encoder call without batch statistics: the configured number, else
+        CPU_ENCODER_BATCH on a CPU (caches favour small batches: a ResNet-18 trunk on 50 x 50
+        patches runs ~1.8x faster in calls of 128 than of 1600) and whole chunks elsewhere."""
+        size = self.selection_config.encoder_batch_size
+        if size is None and device.type == "cpu":
+            return CPU_ENCODER_BATCH
+        return size
 
     @staticmethod
     def _place(
