@@ -244,10 +244,7 @@ def _build_model(
         sel = config.selection
         options["encoder_batch_size"] = batch_size * max(sel.memory_size, sel.chunk_size)
     config = replace_fields(config, loading="eager", **options)
-    model = IPSModel(config.model, config.selection).to(device)
-    if variant.get("compile"):
-        model.encoder = torch.compile(model.encoder, dynamic=True)
-    return model
+    return IPSModel(config.model, config.selection).to(device)
 
 
 def training_step(
@@ -461,6 +458,8 @@ def bench_speed(
             continue
         model = _build_model(config, variant, best_batch, device, B)
         model.load_state_dict(state)
+        if variant.get("compile"):  # after loading: compiling renames the parameters
+            model.encoder = torch.compile(model.encoder, dynamic=True)
         ids = model.select(
             batch.patches,
             grid_shape=batch.grid_shape,
