@@ -31,7 +31,6 @@ library's pretrained weights, downloaded once), or a local state-dict file.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -54,6 +53,7 @@ from ips.encoders import FeatureProjector, ResNetTrunk, create_encoder, list_enc
 from ips.files import atomic_write
 from ips.sources import PatchSource, open_source
 from ips.sources.base import OPENSLIDE_SUFFIXES, PILLOW_SUFFIXES, TIFF_SUFFIXES
+from ips.train import autocast
 
 log = logging.getLogger(__name__)
 
@@ -284,15 +284,6 @@ class _TileBatches(Dataset):
         return torch.from_numpy(tiles)
 
 
-def _autocast(device: torch.device, amp: str) -> Any:
-    if amp == "none":
-        return contextlib.nullcontext()
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError("amp: fp16 needs a CUDA device; use bf16 on the CPU")
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def extract_slide(
     slide: str | os.PathLike,
     bag: str | os.PathLike,
@@ -349,7 +340,7 @@ def extract_slide(
             features = out.create_dataset("features", shape=(n, width), dtype="float32")
             out.create_dataset("coords", data=np.asarray(source.coords, dtype=np.int64))
             start = 0
-            with torch.inference_mode(), _autocast(device, settings.amp):
+            with torch.inference_mode(), autocast(device, settings.amp, option="--amp"):
                 for tiles in loader:  # (b, 3, P, P) uint8
                     emb = extractor(tiles.to(device, non_blocking=True)).cpu().numpy()  # (b, F)
                     finite = np.isfinite(emb).all(axis=1)

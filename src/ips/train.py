@@ -97,12 +97,15 @@ def build_optimizer(
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """Autocast context for ``train.amp`` ("none", "bf16", "fp16")."""
+def autocast(
+    device: torch.device, amp: str, *, option: str = "train.amp"
+) -> contextlib.AbstractContextManager:
+    """Autocast context for ``amp`` ("none", "bf16", "fp16"); ``option`` names the setting in
+    errors."""
     if amp == "none":
         return contextlib.nullcontext()
     if amp == "fp16" and device.type != "cuda":
-        raise ValueError("train.amp: fp16 needs a CUDA device; use bf16 on CPU")
+        raise ValueError(f"{option}: fp16 needs a CUDA device; use bf16 on CPU")
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
