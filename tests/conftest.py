@@ -24,6 +24,16 @@ TINY = dict(
     },
 )
 
+TINY_MNIST_SETS = [  # `--set` overrides that shrink a shipped Megapixel MNIST config to seconds
+    "model.embed_dim=16",
+    "model.num_heads=2",
+    "model.head_dim=8",
+    "model.mlp_dim=32",
+    "model.patch_size=30",
+    "selection.memory_size=4",
+    "selection.chunk_size=8",
+]
+
 
 @pytest.fixture
 def tiny() -> dict:

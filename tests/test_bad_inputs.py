@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import ips
-from conftest import random_digits
+from conftest import TINY_MNIST_SETS, random_digits
 from ips.cli import main
 from ips.config import config_to_dict
 from ips.data import generate_megapixel_mnist
@@ -23,13 +23,7 @@ from ips.sources.synthetic import write_synthetic_slide
 
 TINY = dict(embed_dim=16, num_heads=2, head_dim=8, mlp_dim=32, dropout=0.0, memory_size=4)
 TINY_RUN = [  # small enough that a case which wrongly starts training still ends quickly
-    "model.embed_dim=16",
-    "model.num_heads=2",
-    "model.head_dim=8",
-    "model.mlp_dim=32",
-    "model.patch_size=30",
-    "selection.memory_size=4",
-    "selection.chunk_size=8",
+    *TINY_MNIST_SETS,
     "train.epochs=1",
     "train.batch_size=4",
 ]

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, TINY_MNIST_SETS
 from ips.cli import main
 
 
@@ -63,13 +63,7 @@ def test_train_then_eval_prints_json_metrics(tmp_path, capsys):
         ]
     )
     sets = [
-        "model.embed_dim=16",
-        "model.num_heads=2",
-        "model.head_dim=8",
-        "model.mlp_dim=32",
-        "model.patch_size=30",
-        "selection.memory_size=4",
-        "selection.chunk_size=8",
+        *TINY_MNIST_SETS,
         "train.epochs=1",
         "train.batch_size=8",
         f"data.path={data}",

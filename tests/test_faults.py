@@ -23,7 +23,7 @@ import tifffile
 import torch
 
 import ips
-from conftest import random_digits
+from conftest import TINY_MNIST_SETS, random_digits
 from ips.cli import main
 from ips.config import Config, config_to_dict, load_config, resolve_config_path
 from ips.data import generate_megapixel_mnist
@@ -35,13 +35,7 @@ from ips.sources.tiff import TiffSource
 from ips.train import fit
 
 RUN = [
-    "model.embed_dim=16",
-    "model.num_heads=2",
-    "model.head_dim=8",
-    "model.mlp_dim=32",
-    "model.patch_size=30",
-    "selection.memory_size=4",
-    "selection.chunk_size=8",
+    *TINY_MNIST_SETS,
     "train.batch_size=4",
     "train.epochs=3",
     "train.warmup_epochs=0.5",
