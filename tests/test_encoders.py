@@ -58,6 +58,30 @@ def test_pretrained_weights_load_from_a_local_state_dict(tmp_path):
     assert torch.allclose(grey.stem[0].weight[:, 0], reference.conv1.weight.mean(1))
 
 
+def test_small_cnn_keeps_full_resolution_first_and_loads_its_own_weights(tmp_path):
+    encoder = create_encoder("small_cnn", in_channels=1, embed_dim=128)
+    first = encoder.body[0]
+    assert first.in_channels == 1 and first.stride == (1, 1) and first.kernel_size == (3, 3)
+    assert encoder.forward_features(torch.rand(2, 1, 48, 48)).shape == (2, 128, 6, 6)
+    assert isinstance(encoder.proj, torch.nn.Identity)  # its width is 128 already
+    for p in encoder.parameters():
+        torch.nn.init.normal_(p)
+    torch.save(encoder.state_dict(), tmp_path / "cnn.pth")
+    loaded = create_encoder(
+        "small_cnn", in_channels=1, embed_dim=128, pretrained=str(tmp_path / "cnn.pth")
+    )
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(encoder.state_dict().values(), loaded.state_dict().values(), strict=True)
+    )
+    with pytest.raises(ValueError, match="cnn.pth does not fit small_cnn"):
+        create_encoder(
+            "small_cnn", in_channels=3, embed_dim=64, pretrained=str(tmp_path / "cnn.pth")
+        )
+    with pytest.raises(ValueError, match="small_cnn has no published weights"):
+        create_encoder("small_cnn", in_channels=1, embed_dim=128, pretrained=True)
+
+
 def test_missing_weights_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.pth"):
         create_encoder("resnet18_2blocks", pretrained=str(tmp_path / "nothing.pth"))

@@ -49,7 +49,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from ips.data.camelyon16 import is_camelyon16, slide_files
 from ips.data.feature_bags import import_h5py
-from ips.encoders import FeatureProjector, ResNetTrunk, create_encoder, list_encoders
+from ips.encoders import (
+    FeatureProjector,
+    ResNetTrunk,
+    SmallConvNet,
+    create_encoder,
+    list_encoders,
+)
 from ips.files import atomic_write
 from ips.sources import PatchSource, open_source
 from ips.sources.base import OPENSLIDE_SUFFIXES, PILLOW_SUFFIXES, TIFF_SUFFIXES
@@ -230,7 +236,7 @@ def build_extractor(
         module = create_encoder(encoder, in_channels=3, embed_dim=512, pretrained=pretrained)
         if isinstance(module, FeatureProjector):
             raise ValueError(f"encoder: {encoder!r} reads features, not pixels")
-        if isinstance(module, ResNetTrunk):  # the trunk's own width, no projection
+        if isinstance(module, (ResNetTrunk, SmallConvNet)):  # the trunk's own width
             module.proj = nn.Identity()
     extractor = Extractor(module, mean=mean, std=std).eval()
     with torch.inference_mode():
