@@ -30,8 +30,8 @@ from ips.train import evaluate_checkpoint, fit, nest_metrics
 log = logging.getLogger(__name__)
 
 # the shipped CPU configuration on a smaller training set, sized for a few minutes on 2 cores
-DEMO_DATA = dict(num_train=2400, num_test=300, canvas_size=(500, 500), num_noise=6, seed=0)
-DEMO_OVERRIDES = ["train.epochs=2", "data.val_fraction=0.1"]
+DEMO_DATA = dict(num_train=4000, num_test=500, canvas_size=(500, 500), num_noise=6, seed=0)
+DEMO_OVERRIDES = ["train.epochs=5", "data.val_fraction=0.1"]
 
 
 def run_demo(
