@@ -163,6 +163,26 @@ def test_bench_speed_measures_floor_step_inference_and_baseline(mnist_batch):
     assert table.count("\n") == len(records) + 2 and "| step | default |" in table
 
 
+def test_fp16_is_reported_skipped_on_a_cpu(mnist_batch):
+    records = bench_speed(
+        _config(),
+        input="mnist",
+        batch_size=2,
+        canvas=160,
+        mnist=MNIST,
+        variants=["default", "fp16"],
+        repeats=1,
+        warmup=0,
+        threads=1,
+        full=False,
+    )
+    by = {(r["measure"], r["variant"]): r for r in records}
+    assert by["step", "fp16"]["seconds"] is None
+    assert "skipped: fp16" in by["step", "fp16"]["status"]
+    assert ("floor", "fp16") not in by and ("infer", "fp16") not in by
+    assert by["step", "default"]["seconds"] > 0
+
+
 def test_bench_speed_command_writes_json_lines_and_a_table(tmp_path, capsys):
     code = main(
         [

@@ -24,6 +24,7 @@ speed-up of every option is measured separately on the same inputs in the same p
     default         the shipped settings: channels-last, dedup, micro-batches of 128 on a CPU
                     (whole chunks elsewhere)
     bf16            default + bfloat16 autocast (where the device supports it)
+    fp16            default + float16 autocast and a gradient scaler (CUDA only)
     compile         default + torch.compile of the encoder (only when asked: slow to build)
 
 Every variant's selection is compared with the reference's (`same_selection`): exact
@@ -71,9 +72,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "micro_batch": {"dedup": False, "channels_last": False, "encoder_batch_size": BEST},
     "default": {"dedup": True, "channels_last": True},
     "bf16": {"dedup": True, "channels_last": True, "amp": "bf16"},
+    "fp16": {"dedup": True, "channels_last": True, "amp": "fp16"},
     "compile": {"dedup": True, "channels_last": True, "compile": True},
 }
-DEFAULT_VARIANTS = ("reference", "channels_last", "dedup", "micro_batch", "default", "bf16")
+DEFAULT_VARIANTS = (
+    "reference",
+    "channels_last",
+    "dedup",
+    "micro_batch",
+    "default",
+    "bf16",
+    "fp16",
+)
 BATCH_SIZES = (16, 32, 64, 128, 256, 512, 1024)  # tried for the floor's best encoder batch
 SPEED_KEYS = ("measure", "variant", "seconds", "images_per_second", "peak_mb")
 
@@ -255,7 +265,8 @@ def training_step(
     amp: str = "none",
     seed: int = 0,
 ) -> float:
-    """One IPS training step on the batch; returns the loss."""
+    """One IPS training step on the batch; returns the loss. fp16 scales the loss with a
+    gradient scaler, as training does."""
     device = model.device
     targets = {k: v.to(device) for k, v in batch.targets.items()}
     generator = torch.Generator().manual_seed(seed)
@@ -264,8 +275,14 @@ def training_step(
         out = model(batch.patches, grid_shape=batch.grid_shape, generator=generator)
     loss, _ = compute_loss(out.logits, targets, model.tasks)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    if amp == "fp16":
+        scaler = torch.amp.GradScaler(device.type)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
     return loss.item()
 
 
