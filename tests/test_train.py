@@ -117,6 +117,34 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tiny_mnist, tmp_path):
         fit(_config(tiny_mnist), tmp_path, resume=True, progress=False)
 
 
+def test_resume_from_a_damaged_last_checkpoint_names_it_and_keeps_it(tiny_mnist, tmp_path):
+    config = _config(tiny_mnist, "train.epochs=2")
+    fit(config, tmp_path, progress=False, max_epochs=1)
+    last = tmp_path / "last.pt"
+    state = load_checkpoint(last)
+    state["model"].pop(next(iter(state["model"])))  # a weight lost
+    torch.save(state, last)
+    damaged = last.read_bytes()
+    with pytest.raises(ValueError, match=r"last\.pt: cannot resume.*is missing"):
+        fit(config, tmp_path, progress=False, resume=True)
+    assert last.read_bytes() == damaged
+
+    state = load_checkpoint(last)
+    fit(config, tmp_path / "other", progress=False, max_epochs=1)
+    state["model"] = load_checkpoint(tmp_path / "other" / "last.pt")["model"]
+    state["optimizer"]["param_groups"] = state["optimizer"]["param_groups"][:1]
+    torch.save(state, last)
+    with pytest.raises(ValueError, match=r"last\.pt: cannot resume, its optimizer state"):
+        fit(config, tmp_path, progress=False, resume=True)
+
+
+def test_a_run_that_cannot_open_its_data_writes_no_config(tmp_path):
+    config = _config(tmp_path / "absent.npz", "train.epochs=1")
+    with pytest.raises(FileNotFoundError, match="absent.npz"):
+        fit(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
 @pytest.mark.parametrize("policy", ["skip", "fail"])
 def test_a_sample_that_fails_to_read_is_skipped_and_counted_or_ends_the_run(
     tiny_mnist, tmp_path, monkeypatch, policy

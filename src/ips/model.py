@@ -437,7 +437,7 @@ def _first_sentence(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-def _weights_mismatch(expected: dict[str, Tensor], found: Any) -> str | None:
+def weights_mismatch(expected: dict[str, Tensor], found: Any) -> str | None:
     """The first difference between the state dict a config builds and a stored one."""
     if not isinstance(found, dict):
         return f"expected a state dict, got {type(found).__name__}"
@@ -467,7 +467,7 @@ def load_model(path: str | os.PathLike, *, map_location: Any = "cpu", **override
         raise ValueError(f"{path}: incompatible checkpoint config ({err})") from None
     config = replace_fields(config, **overrides)
     model = IPSModel(dataclasses.replace(config.model, pretrained=False), config.selection)
-    problem = _weights_mismatch(model.state_dict(), payload["model"])
+    problem = weights_mismatch(model.state_dict(), payload["model"])
     if problem is not None:
         raise ValueError(
             f"{path}: the weights do not fit the checkpoint's config "

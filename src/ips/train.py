@@ -38,7 +38,7 @@ from ips.data.registry import build_dataset
 from ips.distributed import EvalBatchSampler, TrainBatchSampler
 from ips.files import atomic_write
 from ips.heads import compute_loss, predictions, probabilities
-from ips.model import IPSModel, load_checkpoint, save_checkpoint
+from ips.model import IPSModel, load_checkpoint, save_checkpoint, weights_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -598,13 +598,13 @@ def fit(
             "train.sync_batchnorm needs CUDA devices (torch's SyncBatchNorm does not run on "
             "the CPU); leave it false for CPU processes"
         )
-    if ranks.is_main:
-        save_config(config, run_dir / "config.yaml")
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
 
     train_set = build_dataset(config, "train")
     val_set = build_dataset(config, "val") if config.data.val_fraction > 0 else None
+    if ranks.is_main:  # only once the data opened: a failed start leaves the folder as it was
+        save_config(config, run_dir / "config.yaml")
     torch.manual_seed(cfg.seed)
     model = IPSModel(config.model, config.selection).to(device)
     model.grid_shape = getattr(train_set, "grid_shape", None)
@@ -615,11 +615,23 @@ def fit(
     scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
     start_epoch, best = 0, -math.inf
     if state is not None:
+        last = run_dir / "last.pt"
+        problem = weights_mismatch(model.state_dict(), state["model"])
+        if problem is not None:
+            raise ValueError(
+                f"{last}: cannot resume, its weights do not fit its own config: {problem}"
+            )
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if scaler is not None and "scaler" in state:
+                scaler.load_state_dict(state["scaler"])
+        except (KeyError, ValueError, RuntimeError) as err:
+            reason = " ".join(str(err).split())[:200] or type(err).__name__
+            raise ValueError(
+                f"{last}: cannot resume, its optimizer state does not fit the model ({reason})"
+            ) from None
         start_epoch, best = int(state["epoch"]), float(state["best"])
         if ranks.is_main:
             log.info("resumed %s at epoch %d", run_dir, start_epoch)
