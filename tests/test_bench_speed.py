@@ -115,18 +115,24 @@ def test_every_variant_trains(mnist_batch, variant):
     assert any(k.startswith("pool.") for k in changed)
 
 
-def test_bench_speed_measures_floor_step_inference_and_baseline(mnist_batch):
-    records = bench_speed(
+def _tiny_bench(variants: list[str], **options) -> list[dict]:
+    """bench_speed on two small Megapixel MNIST images, one repeat, no warm-up."""
+    return bench_speed(
         _config(),
         input="mnist",
         batch_size=2,
         canvas=160,
         mnist=MNIST,
-        variants=["reference", "default"],
+        variants=variants,
         repeats=1,
         warmup=0,
         threads=1,
+        **options,
     )
+
+
+def test_bench_speed_measures_floor_step_inference_and_baseline(mnist_batch):
+    records = _tiny_bench(["reference", "default"])
     by = {(r["measure"], r["variant"]): r for r in records}
     assert set(by) == {
         ("floor", "fp32"),
@@ -164,18 +170,7 @@ def test_bench_speed_measures_floor_step_inference_and_baseline(mnist_batch):
 
 
 def test_fp16_is_reported_skipped_on_a_cpu(mnist_batch):
-    records = bench_speed(
-        _config(),
-        input="mnist",
-        batch_size=2,
-        canvas=160,
-        mnist=MNIST,
-        variants=["default", "fp16"],
-        repeats=1,
-        warmup=0,
-        threads=1,
-        full=False,
-    )
+    records = _tiny_bench(["default", "fp16"], full=False)
     by = {(r["measure"], r["variant"]): r for r in records}
     assert by["step", "fp16"]["seconds"] is None
     assert "skipped: fp16" in by["step", "fp16"]["status"]

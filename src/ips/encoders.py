@@ -12,6 +12,7 @@ import logging
 import pickle
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -153,6 +154,24 @@ class FeatureProjector(nn.Module):
         return self.act(self.bn(self.proj(self.norm(x))))
 
 
+def weights_mismatch(expected: dict[str, Tensor], found: Any) -> str | None:
+    """The first difference between the state dict a config builds (``expected``) and a
+    stored one (``found``); None when they fit."""
+    if not isinstance(found, dict):
+        return f"expected a state dict, got {type(found).__name__}"
+    problems = [f"{k} is missing" for k in expected if k not in found]
+    problems += [f"{k} is not part of the configured model" for k in found if k not in expected]
+    problems += [
+        f"{k} has shape {tuple(found[k].shape)}, the config builds {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in found and isinstance(found[k], Tensor) and found[k].shape != v.shape
+    ]
+    if not problems:
+        return None
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return problems[0] + more
+
+
 def _load_state_dict(path: str) -> dict[str, Tensor]:
     file = Path(path).expanduser()
     if not file.is_file():
@@ -243,17 +262,9 @@ def _small_cnn(
         )
     if pretrained:
         state = _load_state_dict(str(pretrained))
-        own = encoder.state_dict()
-        missing = [k for k in own if k not in state]
-        wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
-        unexpected = [k for k in state if k not in own]
-        if missing or wrong or unexpected:
-            name = (missing or wrong or unexpected)[0]
-            raise ValueError(
-                f"model.pretrained: {pretrained} does not fit small_cnn ({len(missing)} weights "
-                f"missing, {len(wrong)} of another shape, {len(unexpected)} unexpected, "
-                f"e.g. {name!r})"
-            )
+        problem = weights_mismatch(encoder.state_dict(), state)
+        if problem is not None:
+            raise ValueError(f"model.pretrained: {pretrained} does not fit small_cnn: {problem}")
         encoder.load_state_dict(state)
     return encoder
 

@@ -34,7 +34,7 @@ from ips.config import (
     config_to_dict,
     replace_fields,
 )
-from ips.encoders import FeatureProjector, create_encoder
+from ips.encoders import FeatureProjector, create_encoder, weights_mismatch
 from ips.files import atomic_write
 from ips.heads import TaskHeads
 from ips.selection import (
@@ -435,23 +435,6 @@ def _first_sentence(err: BaseException) -> str:
     text = " ".join(str(err).split())
     text = re.split(r"(?<=\.) ", text, maxsplit=1)[0]
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
-def weights_mismatch(expected: dict[str, Tensor], found: Any) -> str | None:
-    """The first difference between the state dict a config builds and a stored one."""
-    if not isinstance(found, dict):
-        return f"expected a state dict, got {type(found).__name__}"
-    problems = [f"{k} is missing" for k in expected if k not in found]
-    problems += [f"{k} is not part of the configured model" for k in found if k not in expected]
-    problems += [
-        f"{k} has shape {tuple(found[k].shape)}, the config builds {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in found and isinstance(found[k], Tensor) and found[k].shape != v.shape
-    ]
-    if not problems:
-        return None
-    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-    return problems[0] + more
 
 
 def load_model(path: str | os.PathLike, *, map_location: Any = "cpu", **overrides: Any) -> IPSModel:

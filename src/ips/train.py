@@ -614,8 +614,7 @@ def fit(
     optimizer, scheduler = build_optimizer(model, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
     start_epoch, best = 0, -math.inf
-    if state is not None:
-        last = run_dir / "last.pt"
+    if state is not None:  # read from `last` above
         problem = weights_mismatch(model.state_dict(), state["model"])
         if problem is not None:
             raise ValueError(
