@@ -165,6 +165,11 @@ def test_bench_speed_measures_floor_step_inference_and_baseline(mnist_batch):
         by["full", "default"]["seconds"] / by["step", "default"]["seconds"], rel=1e-2
     )
     assert by["summary", "reference"]["speedup_over_reference"] == 1.0
+    step = by["step", "default"]
+    assert 0 < step["select_seconds"] < step["seconds"] * 5
+    assert len(step["paired_step_over_floor"]) == 1  # one pair per repeat
+    assert summary["paired_step_over_floor"] == step["paired_step_over_floor"][0] > 0
+    assert by["summary", "reference"]["paired_step_over_floor"] is None  # default only
     table = speed_table(records)
     assert table.count("\n") == len(records) + 2 and "| step | default |" in table
 

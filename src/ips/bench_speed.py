@@ -27,6 +27,10 @@ speed-up of every option is measured separately on the same inputs in the same p
     fp16            default + float16 autocast and a gradient scaler (CUDA only)
     compile         default + torch.compile of the encoder (only when asked: slow to build)
 
+For the shipped variant (`default`) two more figures say where the time goes: its selection
+timed on its own, and step / floor measured as back-to-back pairs (floor run, step run) whose
+median ratio is insensitive to slow spells of a shared machine.
+
 Every variant's selection is compared with the reference's (`same_selection`): exact
 equality is expected in fp32, reduced precision may swap near-ties.
 
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import gc
 import logging
 import os
@@ -331,6 +336,50 @@ def _grad_pass(encoder: nn.Module, x: Tensor, amp: str, device: torch.device) ->
     out.float().sum().backward()
 
 
+def _selection(model: IPSModel, batch: SpeedBatch, seed: int) -> None:
+    """The selection part of a training step on its own (no gradients, eval mode)."""
+    model.select(
+        batch.patches, grid_shape=batch.grid_shape, generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def _floor_run(
+    encoder: nn.Module, x: Tensor, xk: Tensor, batch_size: int, device: torch.device
+) -> Callable[[], None]:
+    """One run of the fp32 floor (distinct patches without gradients at ``batch_size``, then
+    the gradient pass over the kept ones), as a closure for `_paired_ratios`."""
+
+    def run() -> None:
+        encoder.eval()
+        _encode_all(encoder, x, batch_size)
+        encoder.train()
+        _grad_pass(encoder, xk, "none", device)
+        encoder.zero_grad(set_to_none=True)
+
+    return run
+
+
+def _paired_ratios(
+    step: Callable[[], Any], floor: Callable[[], Any], repeats: int, device: torch.device
+) -> list[float]:
+    """step / floor of ``repeats`` back-to-back pairs of runs. A slow spell of a shared
+    machine then lands on both halves of a pair, so the median of these ratios is steadier
+    than the ratio of medians measured minutes apart."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
+
+    def timed(fn: Callable[[], Any]) -> float:
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        return time.perf_counter() - start
+
+    ratios = []
+    for _ in range(repeats):
+        f = timed(floor)
+        ratios.append(timed(step) / f)
+    return ratios
+
+
 # ---- the benchmark -------------------------------------------------------------------------
 
 
@@ -371,7 +420,10 @@ def bench_speed(
     Returns:
         Records (dicts), each with at least `SPEED_KEYS`: measure ("floor", "step",
         "infer", "full", "summary"), variant, seconds (median), images_per_second, peak_mb;
-        summary records add the ratios step / floor and full / step.
+        summary records add the ratios step / floor and full / step. For the "default"
+        variant the step record adds ``select_seconds`` (its selection alone) and
+        ``paired_step_over_floor`` (step / floor of back-to-back pairs of runs), whose median
+        its summary carries.
     """
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -426,6 +478,7 @@ def bench_speed(
         batch.patches, grid_shape=batch.grid_shape, generator=torch.Generator().manual_seed(seed)
     )
     kept = batch.patches[torch.arange(B)[:, None], selected.ids].reshape(-1, *flat.shape[1:])
+    floor_fp32: Callable[[], None] | None = None  # one fp32 floor run, for the paired ratio
     for amp in precisions:
         if not _amp_supported(amp, device):
             continue
@@ -439,6 +492,8 @@ def bench_speed(
         xk = _encoder_input(probe, kept)
         grad_s, grad_peak = meter(_grad_pass, encoder, xk, amp, device)
         encoder.zero_grad(set_to_none=True)
+        if amp == "none":
+            floor_fp32 = _floor_run(encoder, x, xk, size, device)
         del x, xk
         seconds = no_grad_s + grad_s
         floors[amp] = emit(
@@ -455,9 +510,8 @@ def bench_speed(
                 "encoder_patches_per_second": {str(k): round(v, 1) for k, v in rates.items()},
             }
         )
-    del probe
-
     steps: dict[str, float] = {}
+    paired: dict[str, float] = {}
     for name in variants:
         variant = VARIANTS[name]
         amp = variant.get("amp", "none")
@@ -490,6 +544,14 @@ def bench_speed(
         step_s, step_peak = meter(training_step, model, optimizer, batch, amp=amp, seed=seed)
         infer_s, infer_peak = meter(_inference, model, batch, amp, seed)
         steps[name] = step_s
+        split = {}
+        if name == "default" and floor_fp32 is not None:
+            select_s, _ = meter(_selection, model, batch, seed)
+            split["select_seconds"] = round(select_s, 4)
+            step = functools.partial(training_step, model, optimizer, batch, amp=amp, seed=seed)
+            ratios = _paired_ratios(step, floor_fp32, repeats, device)
+            paired[name] = statistics.median(ratios)
+            split["paired_step_over_floor"] = [round(r, 3) for r in ratios]
         emit(
             {
                 "measure": "step",
@@ -500,6 +562,7 @@ def bench_speed(
                 "peak_mb": step_peak,
                 "same_selection": same,
                 "encoder_batch_size": model._encoder_batch_size(device),
+                **split,
             }
         )
         emit(
@@ -515,6 +578,7 @@ def bench_speed(
         )
         del model, optimizer
         gc.collect()
+    del probe, floor_fp32
 
     full_record = None
     if full:
@@ -532,6 +596,7 @@ def bench_speed(
                 "images_per_second": rate(seconds),
                 "peak_mb": None,
                 "step_over_floor": _ratio(seconds, floor["seconds"] if floor else None),
+                "paired_step_over_floor": (round(paired[name], 3) if name in paired else None),
                 "full_over_step": _ratio(full_s, seconds),
                 "speedup_over_reference": _ratio(steps.get("reference"), seconds),
             }
@@ -644,6 +709,7 @@ def speed_table(records: Sequence[dict[str, Any]]) -> str:
         "peak MiB",
         "same selection",
         "step / floor",
+        "paired",
         "full / step",
         "speed-up vs reference",
     )
@@ -661,6 +727,7 @@ def speed_table(records: Sequence[dict[str, Any]]) -> str:
                     cell(r.get("peak_mb"), 1),
                     cell(r.get("same_selection")),
                     cell(r.get("step_over_floor")),
+                    cell(r.get("paired_step_over_floor")),
                     cell(r.get("full_over_step")),
                     cell(r.get("speedup_over_reference")),
                 ]
