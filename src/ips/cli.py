@@ -303,7 +303,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--variants",
         nargs="+",
         help="speed options to measure, from: reference channels_last dedup default "
-        "micro_batch bf16 compile (default: all but compile)",
+        "micro_batch bf16 fp16 compile (default: all but compile; fp16 needs CUDA)",
     )
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions (median)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
