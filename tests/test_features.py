@@ -221,7 +221,9 @@ def test_cli_extracts_resumes_and_reports_failures(camelyon, tmp_path, capsys):
     assert sorted(p.stem for p in out.glob("*.h5")) == ["normal_001", "test_001", "tumor_001"]
     (camelyon / "testing" / "images" / "test_002.tif").write_bytes(b"not a slide")
     assert main(args) == 1  # the new slide fails; the others were done already
-    assert "ips: skipped" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "ips: 1 slide(s) failed and were skipped" in err
+    assert len([line for line in err.splitlines() if "test_002" in line]) == 1
     summary = json.loads((out / "extraction_summary.json").read_text())
     assert len(summary["skipped"]) == 3 and summary["failed"][0]["slide"] == "test_002"
 

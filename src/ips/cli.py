@@ -504,8 +504,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         on_error="fail" if args.fail_fast else "skip",
         progress=not args.no_progress,
     )
-    for failed in summary["failed"]:
-        print(f"ips: skipped {failed['error']}", file=sys.stderr)  # the error names the input
+    if summary["failed"]:  # each was logged as it happened; one line to close the run
+        print(
+            f"ips: {len(summary['failed'])} of {summary['inputs']} inputs failed and were "
+            f"skipped (each reported above; errors in {summary['predictions_csv']})",
+            file=sys.stderr,
+        )
     log.info(
         "%d of %d inputs predicted: %s",
         summary["succeeded"],
@@ -603,8 +607,12 @@ def cmd_extract_features(args: argparse.Namespace) -> int:
         device=device,
         progress=not args.no_progress,
     )
-    for failed in summary["failed"]:
-        print(f"ips: skipped {failed['error']}", file=sys.stderr)  # the error names the slide
+    if summary["failed"]:  # each was logged as it happened; one line to close the run
+        print(
+            f"ips: {len(summary['failed'])} slide(s) failed and were skipped (each reported "
+            f"above; errors in {summary['summary']})",
+            file=sys.stderr,
+        )
     log.info(
         "%d slides extracted, %d already done, %d failed; summary: %s",
         len(summary["extracted"]),
