@@ -55,7 +55,8 @@ def _train(*, num_items: int, batch_size: int, accumulate: int) -> dict:
     """One epoch of SGD on Bags, in this process or as one of a process group.
 
     The encoder's BatchNorm layers are removed: batch statistics of a share of the batch
-    differ from those of the whole batch, everything else must not.
+    differ from those of the whole batch, everything else must not. In float32: bf16 rounds
+    the products of a share differently from those of the whole batch.
     """
     ranks = distributed.current()
     torch.manual_seed(0)
@@ -67,7 +68,7 @@ def _train(*, num_items: int, batch_size: int, accumulate: int) -> dict:
     config = Config(
         model=model.model_config,
         selection=model.selection_config,
-        train=TrainConfig(batch_size=batch_size, accumulate=accumulate),
+        train=TrainConfig(batch_size=batch_size, accumulate=accumulate, amp="none"),
     )
     wrapped = distributed.wrap(model) if ranks.world_size > 1 else model
     loader = make_train_loader(

@@ -206,3 +206,24 @@ def test_training_forward_encodes_the_kept_patches_in_one_call(tiny, monkeypatch
     monkeypatch.setattr(model.encoder, "forward", lambda x: calls.append(len(x)) or original(x))
     model(random_patches(2, 30), generator=torch.Generator().manual_seed(0))
     assert calls[-1] == 2 * 10  # BatchNorm statistics over the B x M kept patches together
+
+
+def test_under_bf16_autocast_positions_score_identical_patches_as_in_float32(tiny):
+    # copies of one patch differ only by their positional encoding; added to the bf16
+    # embeddings in bf16 it is rounded (~0.2 % of the score spread here, enough to reorder
+    # near-equal scores); added in float32 the spread matches float32 to ~1e-6
+    model = _model(tiny, pos_enc="1d", embed_dim=64, head_dim=32, memory_size=8, chunk_size=24)
+    patches = random_patches(1, 1).expand(1, 100, -1, -1, -1)
+
+    def scores(amp: bool) -> list[torch.Tensor]:
+        seen = []
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            model.select(
+                patches,
+                generator=torch.Generator().manual_seed(0),
+                observe=lambda ids, s, valid: seen.append(s[0]),
+            )
+        return seen
+
+    for fp32, bf16 in zip(scores(False), scores(True), strict=True):
+        assert (bf16 - fp32).abs().max() <= 1e-4 * (fp32.max() - fp32.min())

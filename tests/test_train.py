@@ -11,7 +11,16 @@ from conftest import SHARED_DATA
 from ips.config import TrainConfig, load_config
 from ips.data import generate_megapixel_mnist, load_mnist
 from ips.model import load_checkpoint
-from ips.train import evaluate_checkpoint, fit, lr_factor, parameter_groups, roc_auc
+from ips.train import (
+    autocast,
+    evaluate_checkpoint,
+    fit,
+    lr_factor,
+    native_bf16,
+    parameter_groups,
+    resolve_amp,
+    roc_auc,
+)
 
 TINY_RUN = [
     "model.embed_dim=16",
@@ -176,3 +185,36 @@ def test_deterministic_runs_are_bit_identical(tiny_mnist, tmp_path):
     a = load_checkpoint(tmp_path / "a" / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "b" / "last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "capabilities, expected",
+    [({"avx2": True}, "none"), ({"avx512_bf16": True}, "bf16"), ({"amx_bf16": True}, "bf16")],
+)
+def test_auto_precision_is_bf16_only_on_cpus_with_bf16_instructions(
+    monkeypatch, capabilities, expected
+):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    cpu = torch.device("cpu")
+    assert native_bf16(cpu) is (expected == "bf16")
+    assert resolve_amp(cpu, "auto") == expected
+    assert resolve_amp(cpu, "none") == "none" and resolve_amp(cpu, "bf16") == "bf16"
+    with autocast(cpu, "auto"):
+        product = torch.ones(2, 2) @ torch.ones(2, 2)
+    assert product.dtype == (torch.bfloat16 if expected == "bf16" else torch.float32)
+
+
+def test_an_unknown_precision_is_named():
+    with pytest.raises(ValueError, match="train.amp must be 'auto', 'none', 'bf16' or 'fp16'"):
+        TrainConfig(amp="bf17")
+    with pytest.raises(ValueError, match="amp must be one of"):
+        resolve_amp(torch.device("cpu"), "half")
+
+
+def test_a_bf16_run_trains_and_its_checkpoint_evaluates(tiny_mnist, tmp_path):
+    config = _config(tiny_mnist, "train.epochs=3", "train.lr=3e-3", "train.amp=bf16")
+    history = fit(config, tmp_path / "run", progress=False)["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert all(math.isfinite(row["val_main"]) for row in history)
+    metrics = evaluate_checkpoint(tmp_path / "run" / "best.pt")
+    assert set(metrics) >= {"majority/accuracy", "loss"}

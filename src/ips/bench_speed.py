@@ -21,7 +21,7 @@ speed-up of every option is measured separately on the same inputs in the same p
     channels_last   reference + channels-last memory format for the convolutional encoder
     dedup           reference + identical patches of a chunk encoded once (exact in eval mode)
     micro_batch     reference + encoder calls of the floor's best batch size
-    default         the shipped settings: channels-last, dedup, micro-batches of 128 on a CPU
+    default         the shipped settings: channels-last, dedup, micro-batches of 64 on a CPU
                     (whole chunks elsewhere)
     bf16            default + bfloat16 autocast (where the device supports it)
     fp16            default + float16 autocast and a gradient scaler (CUDA only)
@@ -63,7 +63,7 @@ from ips.config import Config, TrainConfig, replace_fields
 from ips.heads import compute_loss
 from ips.model import IPSModel
 from ips.selection import eval_mode
-from ips.train import autocast, build_optimizer
+from ips.train import autocast, build_optimizer, native_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -450,6 +450,7 @@ def bench_speed(
         "patch_size": config.model.patch_size,
         "device": _device_name(device),
         "threads": torch.get_num_threads(),
+        "native_bf16": native_bf16(device),
         "torch": torch.__version__,
     }
     meter = _Meter(device, warmup=warmup, repeats=repeats)
@@ -655,7 +656,7 @@ def _amp_supported(amp: str, device: torch.device) -> bool:
         return device.type == "cuda"
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return True  # bf16 autocast runs on every CPU; it is fast only with native bf16 units
+    return True  # bf16 autocast runs on every CPU; it is fast only where `native_bf16`
 
 
 def _available_mb(device: torch.device) -> float | None:

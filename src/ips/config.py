@@ -122,7 +122,7 @@ class SelectionConfig:
 
     memory_size: int = 100  # M: patches kept after each iteration
     chunk_size: int = 100  # I: patches encoded and scored per iteration
-    encoder_batch_size: int | None = None  # patches per encoder call; None: 128 on CPUs, else I
+    encoder_batch_size: int | None = None  # patches per encoder call; None: 64 on CPUs, else I
     loading: str = "lazy"  # "eager", "eager_sequential" or "lazy" (see ips.model)
     dedup: bool = True  # encode identical patches (e.g. blank background) once per chunk
     distinct: bool = False  # keep one copy of identical patches in memory (collapse guard)
@@ -173,7 +173,8 @@ class TrainConfig:
     weight_decay: float = 0.1  # AdamW weight decay
     no_decay: tuple[str, ...] = ("norm", "bias", "queries")  # parameter names without decay
     grad_clip: float | None = None  # max gradient norm; None: no clipping
-    amp: str = "none"  # "none", "bf16" or "fp16" (CUDA only) autocast
+    amp: str = "auto"  # autocast: "auto" (bf16 where the device has bf16 units), "none",
+    # "bf16", or "fp16" (CUDA only, with a gradient scaler)
     seed: int = 0  # seed for weights, data order and selection
     eval_every: int = 1  # evaluate every this many epochs
     log_every: int = 10  # write step metrics every this many steps
@@ -190,8 +191,10 @@ class TrainConfig:
             )
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
-        if self.amp not in ("none", "bf16", "fp16"):
-            raise ValueError(f"train.amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
+        if self.amp not in ("auto", "none", "bf16", "fp16"):
+            raise ValueError(
+                f"train.amp must be 'auto', 'none', 'bf16' or 'fp16', got {self.amp!r}"
+            )
         if self.warmup_epochs < 0:
             raise ValueError(f"train.warmup_epochs must be >= 0, got {self.warmup_epochs}")
 

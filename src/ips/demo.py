@@ -25,7 +25,7 @@ from ips.config import load_config, resolve_config_path
 from ips.data import MegapixelMNIST, generate_megapixel_mnist, load_mnist
 from ips.heads import predictions
 from ips.model import load_model
-from ips.train import evaluate_checkpoint, fit, nest_metrics
+from ips.train import evaluate_checkpoint, fit, nest_metrics, resolve_amp
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ def run_demo(
         "run_dir": str(run_dir),
         "pictures": [str(p) for p in drawn],
         "digits": digits.source,
+        "precision": resolve_amp(torch.device(device), config.train.amp),
         "seconds": round(time.perf_counter() - started, 1),
     }
     (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -117,7 +118,11 @@ def draw_test_pictures(
 
 
 def _print_summary(result: dict[str, Any]) -> None:
-    lines = ["", f"demo finished in {result['seconds']:.0f} s (digits: {result['digits']})"]
+    precision = "float32" if result["precision"] == "none" else result["precision"]
+    lines = [
+        "",
+        f"demo finished in {result['seconds']:.0f} s ({precision}; digits: {result['digits']})",
+    ]
     for task, metrics in result["test"].items():
         shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
         lines.append(f"  test {task:<9} {shown}")
