@@ -32,6 +32,7 @@ import yaml
 TASK_KINDS = ("multiclass", "binary", "multilabel")
 LOADING_MODES = ("eager", "eager_sequential", "lazy")
 POS_ENCODINGS = ("none", "1d", "2d")
+AMP_MODES = ("auto", "none", "bf16", "fp16")  # train.amp (see ips.train.resolve_amp)
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ class TrainConfig:
             )
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
-        if self.amp not in ("auto", "none", "bf16", "fp16"):
+        if self.amp not in AMP_MODES:
             raise ValueError(
                 f"train.amp must be 'auto', 'none', 'bf16' or 'fp16', got {self.amp!r}"
             )

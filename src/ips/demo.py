@@ -25,7 +25,7 @@ from ips.config import load_config, resolve_config_path
 from ips.data import MegapixelMNIST, generate_megapixel_mnist, load_mnist
 from ips.heads import predictions
 from ips.model import load_model
-from ips.train import evaluate_checkpoint, fit, nest_metrics, resolve_amp
+from ips.train import evaluate_checkpoint, fit, nest_metrics, precision_name, resolve_amp
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def draw_test_pictures(
 
 
 def _print_summary(result: dict[str, Any]) -> None:
-    precision = "float32" if result["precision"] == "none" else result["precision"]
+    precision = precision_name(result["precision"])
     lines = [
         "",
         f"demo finished in {result['seconds']:.0f} s ({precision}; digits: {result['digits']})",

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ips import distributed
 from ips.aggregation import masked_mean_entropy
-from ips.config import Config, TrainConfig, config_from_dict, save_config
+from ips.config import AMP_MODES, Config, TrainConfig, config_from_dict, save_config
 from ips.data.collate import SkipErrors, collate_patches
 from ips.data.registry import build_dataset
 from ips.distributed import EvalBatchSampler, TrainBatchSampler
@@ -97,9 +97,6 @@ def build_optimizer(
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-AMP_MODES = ("auto", "none", "bf16", "fp16")
-
-
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes bfloat16 matrix products in hardware: CUDA GPUs from Ampere
     on, x86 CPUs with AVX512-BF16 or AMX, Arm CPUs with BF16 instructions. Elsewhere bf16
@@ -121,6 +118,11 @@ def resolve_amp(device: torch.device, amp: str) -> str:
     if amp == "auto":
         return "bf16" if native_bf16(device) else "none"
     return amp
+
+
+def precision_name(amp: str) -> str:
+    """How a resolved ``amp`` reads in logs: "float32" or "bf16 autocast" / "fp16 autocast"."""
+    return "float32" if amp == "none" else f"{amp} autocast"
 
 
 def autocast(
@@ -645,7 +647,7 @@ def fit(
         precision = resolve_amp(device, cfg.amp)
         log.info(
             "precision: %s%s",
-            "float32" if precision == "none" else f"{precision} autocast",
+            precision_name(precision),
             f" (train.amp: auto on {device.type})" if cfg.amp == "auto" else "",
         )
     start_epoch, best = 0, -math.inf
