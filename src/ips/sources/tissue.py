@@ -42,12 +42,15 @@ def tissue_signal(image: np.ndarray) -> np.ndarray:
         img = img[..., None]
     if img.ndim != 3:
         raise ValueError(f"image must be (h, w) or (h, w, C), got {img.shape}")
-    img = img.astype(np.float32)
     if img.shape[-1] < 3:
-        return 1.0 - img[..., 0] / 255.0
-    rgb = img[..., :3]
-    high, low = rgb.max(axis=-1), rgb.min(axis=-1)
-    return np.where(high > 0, (high - low) / np.maximum(high, 1e-6), 0.0).astype(np.float32)
+        return 1.0 - img[..., 0].astype(np.float32) / 255.0
+    if img.dtype != np.uint8:
+        img = img.astype(np.float32)
+    r, g, b = img[..., 0], img[..., 1], img[..., 2]  # per-plane maxima: ~10x a max over axis -1
+    high = np.maximum(np.maximum(r, g), b)
+    low = np.minimum(np.minimum(r, g), b)
+    spread = (high - low).astype(np.float32)  # exact in uint8: high >= low
+    return spread / np.maximum(high.astype(np.float32), 1e-6)  # 0 where high is 0 (so is low)
 
 
 def otsu_threshold_mask(
