@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -31,6 +32,7 @@ import yaml
 
 TASK_KINDS = ("multiclass", "binary", "multilabel")
 LOADING_MODES = ("eager", "eager_sequential", "lazy")
+TISSUE_MODES = ("none", "otsu", "mask")  # data.grid.tissue
 POS_ENCODINGS = ("none", "1d", "2d")
 AMP_MODES = ("auto", "none", "bf16", "fp16")  # train.amp (see ips.train.resolve_amp)
 
@@ -41,27 +43,58 @@ class TaskSpec:
 
     name: str  # key of the task in targets and logits
     kind: str = "multiclass"  # "multiclass" (softmax CE), "binary" or "multilabel" (sigmoid BCE)
-    num_classes: int = 2  # classes (multiclass) or labels (multilabel); 1 logit for binary
+    num_classes: int | None = 2  # classes (multiclass) or labels (multilabel); 1 for binary;
+    # None: taken from the data (a table's or an image folder's classes)
+    classes: tuple[str, ...] | None = None  # class (or label) names in index order; binary:
+    # (negative, positive)
 
     def __post_init__(self) -> None:
+        key = f"model.tasks.{self.name}"
         if self.kind not in TASK_KINDS:
-            raise ValueError(
-                f"tasks.{self.name}.kind must be one of {TASK_KINDS}, got {self.kind!r}"
-            )
+            raise ValueError(f"{key}.kind must be one of {TASK_KINDS}, got {self.kind!r}")
+        if self.classes is not None:
+            names = tuple(str(c) for c in self.classes)
+            if len(set(names)) != len(names) or any(not c.strip() for c in names):
+                raise ValueError(f"{key}.classes must be distinct non-empty names, got {names}")
+            wanted = 2 if self.kind == "binary" else self.num_classes
+            if wanted is not None and len(names) != wanted:
+                what = (
+                    "a binary task names 2 classes"
+                    if self.kind == "binary"
+                    else (f"num_classes is {wanted}")
+                )
+                raise ValueError(f"{key}.classes: {what}, got {len(names)} names {list(names)}")
+            object.__setattr__(self, "classes", names)
         if self.kind == "binary":
             object.__setattr__(self, "num_classes", 1)
+        elif self.num_classes is None:
+            if self.classes is not None:
+                object.__setattr__(self, "num_classes", len(self.classes))
         elif self.num_classes < 2 and self.kind == "multiclass":
             raise ValueError(
-                f"tasks.{self.name}.num_classes must be >= 2 for a multiclass task, "
-                f"got {self.num_classes}"
+                f"{key}.num_classes must be >= 2 for a multiclass task, got {self.num_classes}"
             )
         elif self.num_classes < 1:
-            raise ValueError(f"tasks.{self.name}.num_classes must be >= 1, got {self.num_classes}")
+            raise ValueError(f"{key}.num_classes must be >= 1, got {self.num_classes}")
+
+    @property
+    def resolved(self) -> bool:
+        """Whether the width of the task's logits is known (see ``num_classes``)."""
+        return self.num_classes is not None
 
     @property
     def num_outputs(self) -> int:
         """Width of the task's logits."""
+        if self.num_classes is None:
+            raise ValueError(
+                f"model.tasks.{self.name}.num_classes: not given; set it, or train from a "
+                "table or image folder, whose classes give it"
+            )
         return 1 if self.kind == "binary" else self.num_classes
+
+    def class_name(self, index: int) -> str:
+        """The name of class (or label) ``index``; the index itself when the task has none."""
+        return self.classes[index] if self.classes is not None else str(index)
 
 
 @dataclass(frozen=True)
@@ -84,6 +117,8 @@ class ModelConfig:
     normalize_mean: tuple[float, ...] | None = None  # per-channel mean for uint8 / 255 input
     normalize_std: tuple[float, ...] | None = None  # per-channel std for uint8 / 255 input
     channels_last: bool = True  # channels-last memory format for convolutional encoders
+    freeze_encoder: bool = False  # train only the encoder's projection, pooling and heads; the
+    # trunk stays as loaded (eval mode, no gradients), selection still runs on pixels
     tasks: tuple[TaskSpec, ...] = (TaskSpec("label", "multiclass", 2),)  # one head per task
 
     def __post_init__(self) -> None:
@@ -140,20 +175,91 @@ class SelectionConfig:
 
 
 @dataclass(frozen=True)
+class GridConfig:
+    """How an image or slide is cut into patches of side P (``model.patch_size``).
+
+    Used whole by datasets of files (``table``, ``image_folder``), ``ips predict`` and
+    ``ips extract-features``, and stored in checkpoints, so new files are read as training
+    read its files.
+    """
+
+    stride: int | None = None  # grid step in read pixels; None: P (patches do not overlap)
+    level: int | None = None  # pyramid level to read; at most one of level, downsample,
+    downsample: float | None = None  # level-0 pixels per read pixel (resized where no level
+    target_mpp: float | None = None  # fits), target_mpp (microns per read pixel); none: level 0
+    mpp: float | None = None  # microns per level-0 pixel, where files do not record it
+    tissue: str = "none"  # "none" (every patch), "otsu" (Otsu threshold on a thumbnail), "mask"
+    # (every image needs a mask, e.g. a table's mask column); a given mask always wins
+    min_tissue: float = 0.01  # least tissue fraction of a kept patch
+
+    def __post_init__(self) -> None:
+        if self.stride is not None:
+            _positive(self, "data.grid", "stride")
+        given = [k for k in ("level", "downsample", "target_mpp") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(
+                f"data.grid: give at most one of level, downsample and target_mpp, "
+                f"got {' and '.join(given)}"
+            )
+        if self.level is not None and self.level < 0:
+            raise ValueError(f"data.grid.level must be >= 0, got {self.level}")
+        for key in ("downsample", "target_mpp", "mpp"):
+            value = getattr(self, key)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"data.grid.{key} must be a positive number, got {value}")
+        if self.tissue not in TISSUE_MODES:
+            raise ValueError(f"data.grid.tissue must be one of {TISSUE_MODES}, got {self.tissue!r}")
+        if not 0.0 <= self.min_tissue <= 1.0:
+            raise ValueError(f"data.grid.min_tissue must be in [0, 1], got {self.min_tissue}")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Random changes to the kept patches of the gradient pass (training only; selection and
+    evaluation see the patches as they are). All off by default."""
+
+    flips: bool = False  # a random one of the 8 flips and 90-degree rotations per patch
+    brightness: float = 0.0  # colour jitter per patch (torchvision ColorJitter ranges): factor
+    contrast: float = 0.0  # in [1 - x, 1 + x] for brightness, contrast and saturation,
+    saturation: float = 0.0  # hue shift in [-hue, hue] (hue <= 0.5)
+    hue: float = 0.0
+    hed: float = 0.0  # H&E stain jitter: haematoxylin, eosin and DAB amounts scaled by
+    # [1 - x, 1 + x] and shifted by [-x, x] after colour deconvolution (RGB patches only)
+
+    def __post_init__(self) -> None:
+        for key in ("brightness", "contrast", "saturation", "hue", "hed"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"data.augment.{key} must be a number >= 0, got {value}")
+        for key in ("brightness", "contrast", "saturation", "hed"):
+            if getattr(self, key) > 1:
+                raise ValueError(f"data.augment.{key} must be <= 1, got {getattr(self, key)}")
+        if self.hue > 0.5:
+            raise ValueError(f"data.augment.hue must be <= 0.5, got {self.hue}")
+
+    @property
+    def active(self) -> bool:
+        """Whether any augmentation is on."""
+        return self != AugmentConfig()
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Dataset and loader."""
 
     dataset: str = "megapixel_mnist"  # registered dataset name
-    path: str | None = None  # dataset file or folder
-    stride: int | None = None  # patch stride in pixels; None: model.patch_size (no overlap)
+    path: str | None = None  # dataset file or folder (a table: its .csv / .tsv file)
+    grid: GridConfig = field(default_factory=GridConfig)  # patch grid over image files
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # kept patches, training
+    balance: str | None = None  # a task: draw training images by its inverse class frequency
     val_fraction: float = 0.1  # share of the training set held out for validation
     num_workers: int = 0  # DataLoader worker processes
     on_error: str = "fail"  # a sample that fails to read: "fail" the run or "skip" it (logged)
+    cache_dir: str | None = None  # grid cache (tissue detection, once per file and grid);
+    # None: $IPS_CACHE_DIR/grids, else ~/.cache/ips/grids; "none": no cache on disk
     options: dict[str, Any] = field(default_factory=dict)  # dataset-specific keyword arguments
 
     def __post_init__(self) -> None:
-        if self.stride is not None:
-            _positive(self, "data", "stride")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.num_workers < 0:
@@ -208,6 +314,21 @@ class Config:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        names = [t.name for t in self.model.tasks]
+        balance = self.data.balance
+        if balance is not None:
+            if balance not in names:
+                raise ValueError(
+                    f"data.balance: {balance!r} is not a task; expected one of {', '.join(names)}"
+                )
+            kind = self.model.tasks[names.index(balance)].kind
+            if kind == "multilabel":
+                raise ValueError(
+                    f"data.balance: task {balance!r} is multilabel; balancing needs one class "
+                    "per image (a binary or multiclass task)"
+                )
 
 
 def _positive(obj: Any, section: str, *names: str) -> None:
@@ -265,6 +386,12 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
         raise ValueError(f"{key}: expected None, got {value!r}")
     if annotation is Any:
         return value
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        if isinstance(value, Mapping):
+            return _build(annotation, value, key)
+        raise ValueError(f"{key}: expected a mapping of keys, got {value!r}")
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -341,8 +468,33 @@ def config_from_dict(values: Mapping[str, Any]) -> Config:
             section = {}
         if not isinstance(section, Mapping):
             raise ValueError(f"{name}: expected a mapping of keys, got {section!r}")
+        if name == "data":
+            section = _moved_stride(section)
         sections[name] = _build(SECTIONS[name], section, name)
     return Config(**sections)
+
+
+def _moved_stride(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Older configs and checkpoints hold the grid step as ``data.stride``: read it as
+    ``data.grid.stride``."""
+    if "stride" not in data:
+        return data
+    data = dict(data)
+    stride = data.pop("stride")
+    grid = data.get("grid")
+    if stride is None:
+        return data
+    if grid is None:
+        grid = {}
+    if not isinstance(grid, Mapping):
+        raise ValueError(f"data.grid: expected a mapping of keys, got {grid!r}")
+    if grid.get("stride", stride) != stride:
+        raise ValueError(
+            f"data.stride ({stride}) and data.grid.stride ({grid['stride']}) differ; "
+            "data.stride is the older name of data.grid.stride: keep one"
+        )
+    data["grid"] = {**grid, "stride": stride}
+    return data
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:
@@ -360,7 +512,11 @@ def config_to_dict(config: Config) -> dict[str, Any]:
     out = plain(config)
     # tasks read best as a mapping name -> spec
     out["model"]["tasks"] = {
-        t["name"]: {"kind": t["kind"], "num_classes": t["num_classes"]}
+        t["name"]: {
+            "kind": t["kind"],
+            "num_classes": t["num_classes"],
+            **({"classes": t["classes"]} if t["classes"] is not None else {}),
+        }
         for t in out["model"]["tasks"]
     }
     return out

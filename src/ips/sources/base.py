@@ -17,6 +17,7 @@ so one source object works in every `DataLoader` worker.
 from __future__ import annotations
 
 import abc
+import hashlib
 import importlib
 import logging
 import os
@@ -27,7 +28,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ips.config import GridConfig
+
+from .grid_cache import GridCache, file_identity
 from .tissue import (
+    MIN_SATURATION,
     EmptyTissueError,
     load_tissue_mask,
     otsu_threshold_mask,
@@ -214,8 +219,10 @@ class PatchSource(abc.ABC):
         target_mpp: float | None = None,
         tissue: TissueSpec = None,
         min_tissue: float = 0.01,
+        grid_cache: GridCache | None = None,
     ) -> None:
-        """Choose the resolution, build the patch grid and apply the tissue filter."""
+        """Choose the resolution, build the patch grid and apply the tissue filter (its kept
+        ids taken from, or stored in, ``grid_cache`` for files)."""
         if not hasattr(self, "_lock"):
             self._lock = threading.RLock()
             self._opened_pid: int | None = None
@@ -247,7 +254,11 @@ class PatchSource(abc.ABC):
         self._rc = np.stack([row, col], axis=1)  # (N, 2) grid (row, col)
         self.coords = self._level0_xy(self._rc)
         if tissue is not None:
-            keep = self._tissue_ids(tissue, min_tissue)
+            key = self._grid_key(tissue, min_tissue) if grid_cache is not None else None
+            if key is None:
+                keep = self._tissue_ids(tissue, min_tissue)
+            else:
+                keep = grid_cache.ids(key, lambda: self._tissue_ids(tissue, min_tissue))
             self._rc = self._rc[keep]
             self.coords = self.coords[keep]
         logger.debug(
@@ -262,6 +273,37 @@ class PatchSource(abc.ABC):
     def _level0_xy(self, rc: np.ndarray) -> np.ndarray:
         xy = rc[:, ::-1].astype(np.float64) * (self.stride * self.downsample)
         return np.rint(xy).astype(np.int64)
+
+    def _grid_key(self, tissue: TissueSpec, min_tissue: float) -> dict[str, Any] | None:
+        """What decides the kept ids of this grid, for `GridCache`; None when the image is not
+        a file (nothing identifies it across processes)."""
+        path = getattr(self, "path", None)
+        if path is None:
+            return None
+        if isinstance(tissue, np.ndarray):
+            mask = np.ascontiguousarray(tissue.astype(bool))
+            spec: Any = {
+                "mask_array": hashlib.sha256(mask.tobytes()).hexdigest(),
+                "shape": mask.shape,
+            }
+        elif isinstance(tissue, str) and tissue.lower() == "otsu":
+            spec = {"otsu": TISSUE_THUMBNAIL_SIZE, "min_signal": MIN_SATURATION}
+        else:
+            spec = {"mask": file_identity(tissue)}
+        return {
+            "file": file_identity(path),
+            "reader": type(self).__name__,
+            "series": getattr(self, "_series", None),
+            "background": self.background,
+            "level": self.level,
+            "downsample": self.downsample,
+            "resample": self._resample,
+            "patch_size": self.patch_size,
+            "stride": self.stride,
+            "grid": list(self._grid_shape),
+            "tissue": spec,
+            "min_tissue": float(min_tissue),
+        }
 
     def _tissue_ids(self, tissue: TissueSpec, min_tissue: float) -> np.ndarray:
         if not 0 <= min_tissue <= 1:
@@ -496,6 +538,37 @@ PILLOW_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
 BACKENDS = ("auto", "openslide", "tifffile", "pillow")
 
 
+def grid_options(
+    grid: GridConfig, mask: str | os.PathLike | None = None, *, name: str = "image"
+) -> dict[str, Any]:
+    """The source keyword arguments of a grid: stride, resolution, tissue filter.
+
+    Args:
+        grid: the grid settings (``data.grid``).
+        mask: this image's tissue mask (image or GeoJSON); it wins over ``grid.tissue``.
+        name: the image, for the error when ``grid.tissue`` is "mask" and there is none.
+    """
+    if mask is not None:
+        tissue: TissueSpec = mask
+    elif grid.tissue == "mask":
+        raise ValueError(
+            f"{name}: data.grid.tissue is 'mask', but the image has no mask (a table's mask "
+            "column gives one per row)"
+        )
+    else:
+        tissue = "otsu" if grid.tissue == "otsu" else None
+    options = {
+        "stride": grid.stride,
+        "level": grid.level,
+        "downsample": grid.downsample,
+        "target_mpp": grid.target_mpp,
+        "mpp": grid.mpp,
+        "tissue": tissue,
+        "min_tissue": grid.min_tissue,
+    }
+    return {k: v for k, v in options.items() if v is not None}
+
+
 def _openslide_format(path: Path) -> str | None:
     """OpenSlide's vendor name for `path`, or None when OpenSlide is missing or declines it."""
     try:
@@ -514,7 +587,13 @@ def _installed(module: str) -> bool:
 
 
 def open_source(
-    path: str | os.PathLike, *, patch_size: int, backend: str = "auto", **kwargs: Any
+    path: str | os.PathLike,
+    *,
+    patch_size: int,
+    grid: GridConfig | None = None,
+    mask: str | os.PathLike | None = None,
+    backend: str = "auto",
+    **kwargs: Any,
 ) -> PatchSource:
     """Open an image or slide as a patch source, choosing the reader by suffix.
 
@@ -526,8 +605,13 @@ def open_source(
     Args:
         path: the file.
         patch_size: P.
+        grid: the grid settings as one object (``data.grid``); then leave out the keyword
+            arguments it sets (stride, level, downsample, target_mpp, mpp, tissue, min_tissue).
+        mask: with ``grid``: this image's tissue mask (image or GeoJSON), which wins over
+            ``grid.tissue``.
         backend: "auto", "openslide", "tifffile" or "pillow".
-        **kwargs: passed to the source (stride, level, downsample, mpp, target_mpp, tissue, ...).
+        **kwargs: passed to the source (stride, level, downsample, mpp, target_mpp, tissue,
+            min_tissue, grid_cache, ...).
 
     Returns:
         OpenSlideSource, TiffSource or PillowSource.
@@ -542,6 +626,14 @@ def open_source(
     from .tiff import TiffSource
 
     classes = {"openslide": OpenSlideSource, "tifffile": TiffSource, "pillow": PillowSource}
+    if grid is not None:
+        options = grid_options(grid, mask, name=str(path))
+        twice = sorted(set(options) & set(kwargs))
+        if twice:
+            raise ValueError(f"open_source: {', '.join(twice)} given twice (in grid and alone)")
+        kwargs.update(options)
+    elif mask is not None:
+        raise ValueError("open_source: mask goes with grid; without one pass tissue=MASK")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     path = check_path(path)

@@ -8,6 +8,7 @@ import threading
 import numpy as np
 
 from .base import PatchSource, TissueSpec, cannot_read, check_path
+from .grid_cache import GridCache
 
 
 def load_image(path: str | os.PathLike, background: int = 255) -> np.ndarray:
@@ -41,10 +42,12 @@ def load_image(path: str | os.PathLike, background: int = 255) -> np.ndarray:
 
 
 class PillowSource(PatchSource):
-    """A patch grid over an image Pillow can decode, held in memory once per process.
+    """A patch grid over an image Pillow can decode, decoded whole once.
 
     Fine for photos and small scans; use `TiffSource` or `OpenSlideSource` for slides.
     Pixels outside the image are `background` (255, white; also used under transparency).
+    The decoded pixels travel with the source when it is pickled (from a `DataLoader`
+    worker to the training process), which is faster than decoding the file again.
 
     Args:
         path: the image.
@@ -55,11 +58,12 @@ class PillowSource(PatchSource):
         target_mpp: microns per read pixel; needs `mpp`.
         tissue: None, "otsu", a mask array or a mask image / GeoJSON path.
         min_tissue: lowest tissue fraction of a kept patch.
+        grid_cache: where the kept ids of the tissue filter are looked up and stored.
         name: used in error messages; default the file name.
         background: value of pixels outside the image.
     """
 
-    _transient = ("_array",)
+    _transient = ()  # the pixels are data, not a handle: they pickle with the source
 
     def __init__(
         self,
@@ -73,6 +77,7 @@ class PillowSource(PatchSource):
         target_mpp: float | None = None,
         tissue: TissueSpec = None,
         min_tissue: float = 0.01,
+        grid_cache: GridCache | None = None,
         name: str | None = None,
         background: int = 255,
     ) -> None:
@@ -96,6 +101,7 @@ class PillowSource(PatchSource):
             target_mpp=target_mpp,
             tissue=tissue,
             min_tissue=min_tissue,
+            grid_cache=grid_cache,
         )
 
     def _open(self) -> None:
@@ -105,6 +111,10 @@ class PillowSource(PatchSource):
             self._array = load_image(self.path, self.background)
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
             raise cannot_read(self.path, exc) from None
+
+    def _ensure_open(self) -> None:
+        if self._array is None:  # decoded once; no handle to reopen after a fork
+            self._open()
 
     def _release(self) -> None:
         self._array = None

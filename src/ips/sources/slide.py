@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from .base import CannotReadError, PatchSource, TissueSpec, cannot_read, check_path, require
+from .grid_cache import GridCache
 
 
 def composite(rgba: np.ndarray, background: int) -> np.ndarray:
@@ -38,6 +39,7 @@ class OpenSlideSource(PatchSource):
         target_mpp: microns per read pixel; needs the slide's or the given `mpp`.
         tissue: None, "otsu", a mask array or a mask image / GeoJSON path.
         min_tissue: lowest tissue fraction of a kept patch.
+        grid_cache: where the kept ids of the tissue filter are looked up and stored.
         name: used in error messages; default the file name.
         background: grey value transparent pixels are composited onto.
         cache_mb: size of OpenSlide's tile cache (per process); None keeps OpenSlide's default.
@@ -57,6 +59,7 @@ class OpenSlideSource(PatchSource):
         target_mpp: float | None = None,
         tissue: TissueSpec = None,
         min_tissue: float = 0.01,
+        grid_cache: GridCache | None = None,
         name: str | None = None,
         background: int = 255,
         cache_mb: float | None = None,
@@ -90,6 +93,7 @@ class OpenSlideSource(PatchSource):
                 target_mpp=target_mpp,
                 tissue=tissue,
                 min_tissue=min_tissue,
+                grid_cache=grid_cache,
             )
         finally:
             self.close()

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .base import CannotReadError, PatchSource, TissueSpec, cannot_read, check_path, require
+from .grid_cache import GridCache
 
 _PHOTOMETRIC_MINISWHITE, _PHOTOMETRIC_MINISBLACK, _PHOTOMETRIC_RGB, _PHOTOMETRIC_PALETTE = (
     0,
@@ -206,6 +207,7 @@ class TiffSource(PatchSource):
         target_mpp: microns per read pixel; needs the file's or the given `mpp`.
         tissue: None, "otsu", a mask array or a mask image / GeoJSON path.
         min_tissue: lowest tissue fraction of a kept patch.
+        grid_cache: where the kept ids of the tissue filter are looked up and stored.
         name: used in error messages; default the file name.
         background: value of pixels outside the image.
         series: which tifffile image series to read.
@@ -226,6 +228,7 @@ class TiffSource(PatchSource):
         target_mpp: float | None = None,
         tissue: TissueSpec = None,
         min_tissue: float = 0.01,
+        grid_cache: GridCache | None = None,
         name: str | None = None,
         background: int = 255,
         series: int = 0,
@@ -269,6 +272,7 @@ class TiffSource(PatchSource):
                 target_mpp=target_mpp,
                 tissue=tissue,
                 min_tissue=min_tissue,
+                grid_cache=grid_cache,
             )
         finally:
             self.close()
