@@ -2,6 +2,8 @@
 
 Logits shapes: multiclass (B, K), multilabel (B, K), binary (B,).
 Targets: multiclass (B,) class indices, multilabel (B, K) in {0, 1}, binary (B,) in {0, 1}.
+Unknown targets (a table's empty cell): -1 for multiclass, NaN for binary and multilabel; they
+add nothing to the loss (see `known`).
 """
 
 from __future__ import annotations
@@ -34,8 +36,22 @@ class TaskHeads(nn.Module):
         return out
 
 
+def known(target: Tensor, task: TaskSpec) -> Tensor:
+    """(B,) True where the target of an image is known (not -1 or NaN)."""
+    if task.kind == "multiclass":
+        return target >= 0
+    missing = torch.isnan(target.float())
+    return ~missing.reshape(len(target), -1).any(1)
+
+
 def task_loss(logits: Tensor, target: Tensor, task: TaskSpec) -> Tensor:
-    """Mean loss of one task over the batch, computed from logits."""
+    """Mean loss of one task over the images whose target is known, from logits; 0 (still
+    connected to the logits) when none is."""
+    keep = known(target, task)
+    if not bool(keep.all()):
+        if not bool(keep.any()):
+            return logits.float().sum() * 0.0
+        logits, target = logits[keep], target[keep]
     if task.kind == "multiclass":
         return F.cross_entropy(logits.float(), target.long())
     return F.binary_cross_entropy_with_logits(logits.float(), target.float())
@@ -44,7 +60,8 @@ def task_loss(logits: Tensor, target: Tensor, task: TaskSpec) -> Tensor:
 def compute_loss(
     logits: Mapping[str, Tensor], targets: Mapping[str, Tensor], tasks: Sequence[TaskSpec]
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Total loss (mean over tasks) and the loss of each task."""
+    """Total loss (mean over tasks, a task without known targets counting 0) and the loss of
+    each task."""
     per_task = {}
     for task in tasks:
         if task.name not in targets:
