@@ -196,6 +196,9 @@ class TrainBatchSampler(Sampler[list[int]]):
         rank: this process.
         world_size: W.
         accumulate: A, micro-steps per optimizer step.
+        weights: per image, how likely it is drawn: the epoch then draws ``num_items`` images
+            with replacement (seeded), instead of a permutation (e.g. inverse class
+            frequencies, `balanced_weights`).
 
     Attributes:
         batches: the micro-batches, A per optimizer step.
@@ -212,6 +215,7 @@ class TrainBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         world_size: int = 1,
         accumulate: int = 1,
+        weights: Sequence[float] | None = None,
     ):
         micro_batch_size(batch_size, world_size, accumulate)
         parts = world_size * accumulate
@@ -219,14 +223,22 @@ class TrainBatchSampler(Sampler[list[int]]):
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         self.accumulate = accumulate
         self.world_size = world_size
-        # the index batches of a plain shuffled DataLoader, so one process's order is unchanged
-        order = DataLoader(
-            range(num_items),
-            batch_size=batch_size,
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(seed),
-            collate_fn=list,
-        )
+        generator = torch.Generator().manual_seed(seed)
+        if weights is not None:
+            if len(weights) != num_items:
+                raise ValueError(f"weights: one per image ({num_items}), got {len(weights)}")
+            drawn = torch.multinomial(
+                torch.as_tensor(weights, dtype=torch.float64), num_items, True, generator=generator
+            ).tolist()
+            order: Any = [drawn[i : i + batch_size] for i in range(0, num_items, batch_size)]
+        else:  # the index batches of a plain shuffled DataLoader: one process's order unchanged
+            order = DataLoader(
+                range(num_items),
+                batch_size=batch_size,
+                shuffle=shuffle,
+                generator=generator,
+                collate_fn=list,
+            )
         self.batches: list[list[int]] = []
         self.shares: list[tuple[int, int]] = []
         for batch in order:
@@ -242,6 +254,20 @@ class TrainBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+def balanced_weights(classes: Sequence[int]) -> list[float]:
+    """Per image, the inverse frequency of its class (``classes``: one per image, -1 where
+    unknown), scaled so that every class present is drawn equally often and the images of
+    unknown class as often as without balancing."""
+    known = [c for c in classes if c >= 0]
+    if not known:
+        raise ValueError("data.balance: no image of the training set has a known label")
+    counts: dict[int, int] = {}
+    for c in known:
+        counts[c] = counts.get(c, 0) + 1
+    share = len(known) / len(counts)  # images per class if the classes were balanced
+    return [share / counts[c] if c >= 0 else 1.0 for c in classes]
 
 
 class EvalBatchSampler(Sampler[list[int]]):

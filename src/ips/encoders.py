@@ -8,6 +8,7 @@ Builders are registered by name and take only architecture arguments::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pickle
 from collections.abc import Callable
@@ -17,25 +18,71 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ips.config import ModelConfig
+
 log = logging.getLogger(__name__)
 
 EncoderBuilder = Callable[..., nn.Module]
+Normalization = tuple[tuple[float, ...], tuple[float, ...]]  # per-channel (mean, std)
 _ENCODERS: dict[str, EncoderBuilder] = {}
+_NORMALIZATION: dict[str, Normalization] = {}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def register_encoder(name: str) -> Callable[[EncoderBuilder], EncoderBuilder]:
+def register_encoder(
+    name: str, *, normalization: Normalization | None = None
+) -> Callable[[EncoderBuilder], EncoderBuilder]:
     """Register a builder ``fn(*, in_channels, embed_dim, pretrained, feature_dim) -> module``.
 
     The module maps (n, C, P, P) patches, or (n, F) features, to (n, embed_dim).
+    ``normalization``: the RGB (mean, std) on [0, 1] pixels its pretrained weights expect.
     """
 
     def wrap(fn: EncoderBuilder) -> EncoderBuilder:
         if name in _ENCODERS:
             raise ValueError(f"an encoder named {name!r} is already registered")
         _ENCODERS[name] = fn
+        if normalization is not None:
+            _NORMALIZATION[name] = normalization
         return fn
 
     return wrap
+
+
+def weights_normalization(
+    name: str, *, pretrained: bool | str, in_channels: int
+) -> Normalization | None:
+    """The per-channel (mean, std) that an encoder's pretrained weights expect, or None (no
+    weights, none registered, or a channel count the RGB statistics do not fit). One channel
+    gets the mean of the RGB statistics (the grey stem averages the RGB filters)."""
+    if not pretrained or name not in _NORMALIZATION:
+        return None
+    mean, std = _NORMALIZATION[name]
+    if in_channels == len(mean):
+        return tuple(mean), tuple(std)
+    if in_channels == 1:
+        return (sum(mean) / len(mean),), (sum(std) / len(std),)
+    return None
+
+
+def with_weights_normalization(model: ModelConfig) -> ModelConfig:
+    """``model`` with the normalisation its pretrained weights expect filled in, where
+    ``normalize_mean`` and ``normalize_std`` are not set; so the checkpoint carries it."""
+    if model.normalize_mean is not None or model.normalize_std is not None:
+        return model
+    found = weights_normalization(
+        model.encoder, pretrained=model.pretrained, in_channels=model.in_channels
+    )
+    if found is None:
+        return model
+    log.info(
+        "model.normalize_mean / normalize_std: %s / %s, as the %s weights expect",
+        found[0],
+        found[1],
+        model.encoder,
+    )
+    return dataclasses.replace(model, normalize_mean=found[0], normalize_std=found[1])
 
 
 def list_encoders() -> list[str]:
@@ -203,9 +250,17 @@ def _resnet(arch: str, *, blocks: int, in_channels: int, embed_dim: int, pretrai
         # fetched here rather than by builder(weights=...), which unpickles the download with
         # weights_only=False; torch.hub downloads once into its cache over HTTPS (certificates
         # checked) and check_hash verifies the SHA-256 prefix in the file name
-        state = torch.hub.load_state_dict_from_url(
-            weights.url, progress=False, check_hash=True, weights_only=True
-        )
+        try:
+            state = torch.hub.load_state_dict_from_url(
+                weights.url, progress=False, check_hash=True, weights_only=True
+            )
+        except OSError as err:  # offline, a proxy, a refused connection
+            cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+            raise FileNotFoundError(
+                f"model.pretrained: cannot download the {arch} ImageNet weights "
+                f"({' '.join(str(err).split())[:120]}); put {weights.url} at {cache}, "
+                "or give the path of a local copy"
+            ) from None
         resnet.load_state_dict(state)
     else:
         resnet = builder(weights=None)
@@ -233,7 +288,7 @@ def _resnet(arch: str, *, blocks: int, in_channels: int, embed_dim: int, pretrai
 
 
 def _register_resnet(arch: str, blocks: int) -> None:
-    @register_encoder(f"{arch}_{blocks}blocks")
+    @register_encoder(f"{arch}_{blocks}blocks", normalization=(IMAGENET_MEAN, IMAGENET_STD))
     def build(
         *, in_channels: int, embed_dim: int, pretrained: bool | str = False, **_
     ) -> nn.Module:

@@ -50,6 +50,8 @@ from torch.utils.data import DataLoader, Dataset
 from ips.data.camelyon16 import is_camelyon16, slide_files
 from ips.data.feature_bags import import_h5py
 from ips.encoders import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     FeatureProjector,
     ResNetTrunk,
     SmallConvNet,
@@ -66,8 +68,6 @@ log = logging.getLogger(__name__)
 SLIDE_SUFFIXES = TIFF_SUFFIXES | OPENSLIDE_SUFFIXES | PILLOW_SUFFIXES  # found in folders
 TIMM_PREFIX = "timm:"
 TIMM_HINT = "timm encoders need: pip install 'iterative-patch-selection[timm]'"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 AMP = ("none", "bf16", "fp16")
 SUMMARY = "extraction_summary.json"
 

@@ -18,7 +18,7 @@ import os
 import pickle
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -99,12 +99,34 @@ class IPSModel(nn.Module):
         )
         self.heads = TaskHeads(model.tasks, embed_dim=model.embed_dim)
         self.is_features = isinstance(self.encoder, FeatureProjector)
+        if model.freeze_encoder:
+            self._freeze_encoder()
         for key in ("normalize_mean", "normalize_std"):
             value = getattr(model, key)
             buffer = None if value is None else torch.tensor(value).view(1, -1, 1, 1)
             self.register_buffer(key, buffer, persistent=False)
         if model.channels_last and not self.is_features:
             self.encoder.to(memory_format=torch.channels_last)
+
+    def _freeze_encoder(self) -> None:
+        """No gradients for the encoder's trunk; its projection (``proj``, if any) trains."""
+        if self.is_features:
+            raise ValueError(
+                "model.freeze_encoder: the 'features' encoder is the trainable projection of "
+                "precomputed features, there is no trunk to freeze"
+            )
+        self.encoder.requires_grad_(False)
+        proj = getattr(self.encoder, "proj", None)
+        if isinstance(proj, nn.Module):
+            proj.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> IPSModel:
+        """Set train or eval mode; a frozen encoder stays in eval mode (its BatchNorm
+        statistics stay those of its weights)."""
+        super().train(mode)
+        if self.model_config.freeze_encoder:
+            self.encoder.eval()
+        return self
 
     @property
     def config(self) -> Config:
@@ -244,6 +266,7 @@ class IPSModel(nn.Module):
         grid_shape: tuple[int, int] | None = None,
         generator: torch.Generator | None = None,
         observe: Observer | None = None,
+        augment: Callable[[Tensor], Tensor] | None = None,
     ) -> IPSOutput:
         """Select, then encode the kept patches with gradients, pool and classify.
 
@@ -256,6 +279,8 @@ class IPSModel(nn.Module):
             generator: random generator for the selection order.
             observe: receives every scored candidate set of the selection pass (see
                 ``select_patches``); the pass then also runs when N <= M, to score every patch.
+            augment: maps the kept raw patches (n, C, P, P) to changed ones before they are
+                encoded with gradients (training-time augmentation; selection never sees it).
 
         Returns:
             IPSOutput.
@@ -272,6 +297,8 @@ class IPSModel(nn.Module):
                 patches, mask, grid_shape=grid_shape, generator=generator, observe=observe
             )
         raw = gather_patches(patches, selection, mask=mask, device=device)  # (n_valid, ...)
+        if augment is not None:
+            raw = augment(raw)
         valid = selection.mask.to(device)
         if self.encoder.training:  # batch statistics: the K patches of the batch together
             emb = embed_valid(self.embed, raw, selection.mask)  # (B, K, D), with gradients
@@ -446,6 +473,14 @@ def load_model(path: str | os.PathLike, *, map_location: Any = "cpu", **override
     ``overrides`` change selection settings for inference (e.g. ``memory_size``,
     ``chunk_size``, ``loading``); model fields that would change the weights' shapes fail.
     """
+    return load_model_and_config(path, map_location=map_location, **overrides)[0]
+
+
+def load_model_and_config(
+    path: str | os.PathLike, *, map_location: Any = "cpu", **overrides: Any
+) -> tuple[IPSModel, Config]:
+    """`load_model`, and the whole config the checkpoint carries (data and train included;
+    model and selection as the returned model has them)."""
     payload = load_checkpoint(path, map_location)
     try:
         config = config_from_dict(payload["config"])
@@ -462,4 +497,4 @@ def load_model(path: str | os.PathLike, *, map_location: Any = "cpu", **override
     model.load_state_dict(payload["model"])
     if isinstance(map_location, (str, torch.device)):
         model = model.to(map_location)
-    return model
+    return model, config

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -33,11 +34,13 @@ from torch.utils.data import DataLoader, Dataset
 from ips import distributed
 from ips.aggregation import masked_mean_entropy
 from ips.config import AMP_MODES, Config, TrainConfig, config_from_dict, save_config
+from ips.data.augment import build_augment
 from ips.data.collate import SkipErrors, collate_patches
-from ips.data.registry import build_dataset
-from ips.distributed import EvalBatchSampler, TrainBatchSampler
+from ips.data.registry import build_dataset, build_validation, resolve_config
+from ips.distributed import EvalBatchSampler, TrainBatchSampler, balanced_weights
+from ips.encoders import with_weights_normalization
 from ips.files import atomic_write
-from ips.heads import compute_loss, predictions, probabilities
+from ips.heads import compute_loss, known, predictions, probabilities
 from ips.model import IPSModel, load_checkpoint, save_checkpoint, weights_mismatch
 
 log = logging.getLogger(__name__)
@@ -208,6 +211,10 @@ class MetricTracker:
                 continue
             logits = torch.cat(self.logits[task.name])
             target = torch.cat(self.targets[task.name])
+            keep = known(target, task)  # images whose label is known for this task
+            if not bool(keep.any()):
+                continue
+            logits, target = logits[keep], target[keep]
             pred = predictions(logits, task)
             if task.kind == "multiclass":
                 out[f"{task.name}/accuracy"] = (pred == target.long()).float().mean().item()
@@ -260,14 +267,23 @@ def selection_diagnostics(
 # ---- loops ----------------------------------------------------------------------------------
 
 
-def _forward(model: nn.Module, batch: Mapping[str, Any], device, generator, amp: str):
+def _forward(
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    device,
+    generator,
+    amp: str,
+    augment: Callable[[Tensor], Tensor] | None = None,
+):
     """Selection, then the gradient pass, of ``model`` (an IPSModel, possibly inside
     DistributedDataParallel) on one batch; returns the output, mean loss and targets."""
     core = distributed.unwrap(model)
     targets = {k: v.to(device) for k, v in batch["targets"].items()}
     grid = getattr(core, "grid_shape", None)
     with autocast(device, amp):
-        out = model(batch["patches"], batch["mask"], grid_shape=grid, generator=generator)
+        out = model(
+            batch["patches"], batch["mask"], grid_shape=grid, generator=generator, augment=augment
+        )
     loss, _ = compute_loss(out.logits, targets, core.tasks)
     return out, loss, targets
 
@@ -284,8 +300,11 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     progress: Callable[[Iterable], Iterable] | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    augment: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns the epoch's training metrics (over all processes).
+
+    ``augment`` changes the kept patches of the gradient pass (see `IPSModel.forward`).
 
     ``model`` is an IPSModel, or one inside DistributedDataParallel (``distributed.wrap``).
     Its forward selects first (no gradients, eval mode, on this process's images only), then
@@ -340,7 +359,7 @@ def train_one_epoch(
             generator.set_state(order)  # each micro-batch visits patches in the batch's order
             synced = i == len(parts) - 1 or not parallel
             with contextlib.nullcontext() if synced else model.no_sync():
-                out, loss, targets = _forward(model, batch, device, generator, cfg.amp)
+                out, loss, targets = _forward(model, batch, device, generator, cfg.amp, augment)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"the training loss became {loss.item()} at step {scheduler.last_epoch}; "
@@ -536,10 +555,24 @@ def make_train_loader(
         rank=rank,
         world_size=world_size,
         accumulate=config.train.accumulate,
+        weights=_balance_weights(dataset, config.data.balance),
     )
     # the loader's own generator only seeds its worker processes (augmentation): one per rank
     generator = torch.Generator().manual_seed(seed + rank * 1_000_000_007)
     return _loader(dataset, config, batch_sampler=sampler, generator=generator)
+
+
+def _balance_weights(dataset: Dataset, task: str | None) -> list[float] | None:
+    """Inverse class frequencies of ``task`` (``data.balance``) per image, or None."""
+    if task is None:
+        return None
+    class_ids = getattr(dataset, "class_ids", None)
+    if class_ids is None:
+        raise ValueError(
+            f"data.balance: the {type(dataset).__name__} dataset does not give its labels "
+            "without reading every image; leave data.balance out"
+        )
+    return balanced_weights(class_ids(task).tolist())
 
 
 def make_eval_loader(
@@ -631,10 +664,21 @@ def fit(
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
 
+    if state is None:  # what the data and the weights decide (a stored config has it)
+        config = resolve_config(config)
+        config = dataclasses.replace(config, model=with_weights_normalization(config.model))
     train_set = build_dataset(config, "train")
-    val_set = build_dataset(config, "val") if config.data.val_fraction > 0 else None
+    val_set = build_validation(config)
     if ranks.is_main:  # only once the data opened: a failed start leaves the folder as it was
         save_config(config, run_dir / "config.yaml")
+        log.info(
+            "data: %d training images, %s",
+            len(train_set),
+            "no validation" if val_set is None else f"{len(val_set)} validation images",
+        )
+    augment = None
+    if config.model.encoder != "features" and config.data.augment.active:
+        augment = build_augment(config.data.augment, channels=config.model.in_channels)
     torch.manual_seed(cfg.seed)
     model = IPSModel(config.model, config.selection).to(device)
     model.grid_shape = getattr(train_set, "grid_shape", None)
@@ -699,6 +743,7 @@ def fit(
                 on_step=lambda step, stats: (
                     logger.step(step, stats) if step % cfg.log_every == 0 else None
                 ),
+                augment=augment,
             )
             row: dict[str, Any] = {"epoch": epoch + 1, "step": scheduler.last_epoch}
             row["lr"] = optimizer.param_groups[0]["lr"]
@@ -721,6 +766,7 @@ def fit(
             elif val_set is None:
                 is_best = True
             row["elapsed_s"] = time.perf_counter() - started
+            row["peak_rss_mb"] = peak_rss_mb()
             extra = {"epoch": epoch + 1, "best": best, "metrics": json.dumps(row)}
             if ranks.is_main:
                 save_checkpoint(
@@ -762,6 +808,19 @@ def fit(
         logger.close()
     distributed.barrier()  # when fit returns on any process, rank 0 has written everything
     return {"run_dir": str(run_dir), "epochs": stop, "best": best, "history": history}
+
+
+def peak_rss_mb() -> float:
+    """The peak resident memory of this process and of its finished children (data loader
+    workers), in MiB: the larger of the two."""
+    import resource
+
+    usage = [
+        resource.getrusage(who).ru_maxrss
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    ]
+    scale = 1.0 if sys.platform == "darwin" else 1024.0  # bytes on macOS, KiB on Linux
+    return round(max(usage) * scale / 2**20, 1)
 
 
 def _summary(row: Mapping[str, Any]) -> str:
