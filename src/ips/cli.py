@@ -138,12 +138,22 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--gallery", type=int, default=16, metavar="K", help="patches in gallery.png (0: none)"
     )
     p.add_argument("--no-pictures", action="store_true", help="only tables and GeoJSON")
-    p.add_argument("--tissue", help="'otsu' or a mask image / GeoJSON path")
-    p.add_argument("--min-tissue", type=float, help="lowest tissue fraction of a kept patch")
-    p.add_argument("--level", type=int, help="pyramid level to read")
-    p.add_argument("--target-mpp", type=float, help="read at this many microns per pixel")
-    p.add_argument("--mpp", type=float, help="level-0 microns per pixel (overrides the file)")
-    p.add_argument("--stride", type=int, help="patch stride in read pixels")
+    p.add_argument(
+        "--split", choices=["train", "val", "test"], help="of a table's rows, only this split"
+    )
+    g = p.add_argument_group(
+        "grid", "how images are cut; default: as the checkpoint's training cut them (data.grid)"
+    )
+    g.add_argument(
+        "--tissue",
+        help="none, otsu, mask (a table's mask column), or a mask image / GeoJSON for the inputs",
+    )
+    g.add_argument("--min-tissue", type=float, help="lowest tissue fraction of a kept patch")
+    g.add_argument("--level", type=int, help="pyramid level to read")
+    g.add_argument("--downsample", type=float, help="read at this many level-0 pixels per pixel")
+    g.add_argument("--target-mpp", type=float, help="read at this many microns per pixel")
+    g.add_argument("--mpp", type=float, help="level-0 microns per pixel (overrides the file)")
+    g.add_argument("--stride", type=int, help="patch stride in read pixels")
     p.add_argument("--seed", type=int, default=0, help="seed of the selection order")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first input that fails")
     p.add_argument("--no-progress", action="store_true")
@@ -166,6 +176,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--lesions", type=int, default=0, help="darker lesion regions in the tissue")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--blank", action="store_true", help="glass only, no tissue")
+    _common(p)
+
+    p = sub.add_parser(
+        "make-cohort",
+        help="write a synthetic slide cohort and its labels table (slides with/without lesions)",
+        description="Writes OUT/slides/slide_NNN.tif (pyramidal BigTIFFs) and OUT/labels.csv "
+        "(path, lesion, split): a binary task on slides of which a share carries small dark "
+        "lesions in the tissue, split stratified into train, val and test.",
+    )
+    p.add_argument("--out", required=True, help="the cohort folder")
+    p.add_argument("--slides", type=int, default=64, help="number of slides")
+    p.add_argument("--size", type=int, default=8192, help="level-0 side of each slide, pixels")
+    p.add_argument("--positive", type=float, default=0.5, help="share of slides with lesions")
+    p.add_argument("--val", type=float, default=0.125, help="share of each class for val")
+    p.add_argument("--test", type=float, default=0.25, help="share of each class for test")
+    p.add_argument("--mpp", type=float, default=0.5, help="microns per level-0 pixel")
+    p.add_argument("--seed", type=int, default=0)
     _common(p)
 
     p = sub.add_parser(
@@ -481,8 +508,24 @@ def cmd_make_mnist(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from ips.config import TISSUE_MODES
     from ips.predict import run_predict
 
+    grid = {
+        "stride": args.stride,
+        "level": args.level,
+        "downsample": args.downsample,
+        "target_mpp": args.target_mpp,
+        "mpp": args.mpp,
+        "min_tissue": args.min_tissue,
+    }
+    mask = None
+    if args.tissue in TISSUE_MODES:
+        grid["tissue"] = args.tissue
+    elif args.tissue is not None:  # one mask file for the inputs
+        mask = args.tissue
+        if not Path(mask).is_file():
+            raise FileNotFoundError(f"--tissue {mask}: no such mask file (or none, otsu, mask)")
     summary = run_predict(
         args.checkpoint,
         args.inputs,
@@ -494,12 +537,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         scale=args.scale,
         gallery_k=args.gallery,
         heatmaps=not args.no_pictures,
-        tissue=args.tissue,
-        min_tissue=args.min_tissue,
-        level=args.level,
-        target_mpp=args.target_mpp,
-        mpp=args.mpp,
-        stride=args.stride,
+        grid_overrides=grid,
+        mask=mask,
+        split=args.split,
         seed=args.seed,
         on_error="fail" if args.fail_fast else "skip",
         progress=not args.no_progress,
@@ -575,6 +615,24 @@ def cmd_make_slide(args: argparse.Namespace) -> int:
         slide.mpp,
         len(slide.lesion_boxes),
     )
+    return 0
+
+
+def cmd_make_cohort(args: argparse.Namespace) -> int:
+    from ips.data.cohort import write_synthetic_cohort
+
+    _check_positive(args, "slides", "size")
+    table = write_synthetic_cohort(
+        args.out,
+        slides=args.slides,
+        size=args.size,
+        positive=args.positive,
+        val=args.val,
+        test=args.test,
+        mpp=args.mpp,
+        seed=args.seed,
+    )
+    log.info("wrote %d slides of %d x %d and %s", args.slides, args.size, args.size, table)
     return 0
 
 
@@ -775,6 +833,7 @@ COMMANDS = {
     "make-mnist": cmd_make_mnist,
     "demo": cmd_demo,
     "make-slide": cmd_make_slide,
+    "make-cohort": cmd_make_cohort,
     "extract-features": cmd_extract_features,
     "download-traffic-signs": cmd_download_traffic_signs,
     "bench": cmd_bench,

@@ -1,10 +1,11 @@
 """Inference on new images, slides and feature bags: probabilities, selected patches, pictures.
 
-``predict("best.pt", ["slide.svs", "photos/"], out_dir="predictions")`` writes::
+``predict("best.pt", ["slide.svs", "photos/", "labels.csv"], out_dir="predictions")`` writes::
 
     predictions/
     ├── predictions.csv        one row per input: per task the predicted label and its probability
     ├── predictions.jsonl      one JSON object per input: everything, selected patches included
+    ├── metrics.json           when a table gave labels: the metrics of the predictions
     └── <name>/                one folder per input (the file name without its suffix)
         ├── heatmap.png        the selection score of every patch over a thumbnail
         ├── selected.png       the K selected patches over the image, coloured by score
@@ -13,6 +14,12 @@
         └── scores.npz         coords (N, 2), scores (N,) of every patch, selected ids (K,)
 
 Letters: N patches of an image, M memory size, K = min(M, N) selected patches.
+
+Images are cut as the checkpoint's training cut its images (``model.patch_size`` and
+``data.grid``: stride, resolution, tissue filter), unless ``grid`` says otherwise. A table
+(``.csv`` / ``.tsv``, see ``ips.data.table``) gives its rows' images and masks; where it has
+task columns, ``metrics.json`` scores the predictions against them, and class names are
+written where the model's tasks have them.
 
 One selection pass per image scores every patch (the ``observe`` hook of the selection loop
 collects the last score each patch received, at no extra encoder cost); the K selected patches
@@ -42,14 +49,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ips.config import TaskSpec, replace_fields
+from ips.config import GridConfig, TaskSpec, replace_fields
 from ips.data.feature_bags import FEATURE_SUFFIXES, FeatureBag, open_feature_bag
+from ips.data.table import TABLE_SUFFIXES, encode_labels, read_table, split_rows
+from ips.data.table import Row as TableRow
+from ips.errors import one_line
 from ips.files import atomic_write
-from ips.heads import predictions, probabilities
-from ips.model import IPSModel, load_model
+from ips.heads import compute_loss, predictions, probabilities
+from ips.model import IPSModel, load_model_and_config
 from ips.selection import Selection, eval_mode
 from ips.sources import ArraySource, PatchSource, open_source
-from ips.sources.base import OPENSLIDE_SUFFIXES, PILLOW_SUFFIXES, TIFF_SUFFIXES
+from ips.sources.base import OPENSLIDE_SUFFIXES, PILLOW_SUFFIXES, TIFF_SUFFIXES, grid_options
 from ips.viz import SCALES
 
 log = logging.getLogger(__name__)
@@ -76,6 +86,7 @@ class Prediction:
     path: str | None  # the input file; None for an in-memory array
     probabilities: dict[str, list[float]] = field(default_factory=dict)  # per task (see below)
     predicted: dict[str, int | list[int]] = field(default_factory=dict)  # class, or 0/1 per label
+    logits: dict[str, list[float]] = field(default_factory=dict)  # per task, as the heads gave
     selected_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (K,)
     selected_coords: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))
     selected_scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (K,)
@@ -100,20 +111,37 @@ class _Item:
     name: str  # unique output name
     path: Path | None  # the file, None for an array
     array: Any = None  # an in-memory image
+    mask: Path | None = None  # its tissue mask (a table's mask column, or the call's mask)
+    row: TableRow | None = None  # the table row it came from (labels, line)
 
 
-def _expand(inputs: Input | Sequence[Input], features: bool) -> list[_Item]:
-    """Paths, folders (their supported files, sorted), arrays -> uniquely named items."""
+def _expand(
+    inputs: Input | Sequence[Input],
+    features: bool,
+    tasks: Sequence[TaskSpec],
+    *,
+    mask: Path | None = None,
+    split: str | None = None,
+) -> list[_Item]:
+    """Paths, folders (their supported files, sorted), tables (their rows), arrays ->
+    uniquely named items."""
     if isinstance(inputs, (str, os.PathLike, np.ndarray, Tensor)):
         inputs = [inputs]
     wanted = FEATURE_SUFFIXES if features else IMAGE_SUFFIXES
-    named: list[tuple[str, Path | None, Any]] = []
+    named: list[tuple[str, Path | None, Any, TableRow | None]] = []
     for i, entry in enumerate(inputs):
         if isinstance(entry, (np.ndarray, Tensor)):
-            named.append((f"array_{i}", None, entry))
+            named.append((f"array_{i}", None, entry, None))
         elif isinstance(entry, (str, os.PathLike)):
             path = Path(entry)
-            if path.is_dir():
+            if path.suffix.lower() in TABLE_SUFFIXES and path.is_file():
+                rows = read_table(path, [t.name for t in tasks], require_tasks=False)
+                if split is not None:
+                    rows = split_rows(rows, split)
+                    if not rows:
+                        log.warning("%s: no row of the %s split", path, split)
+                named.extend((row.path.stem or row.path.name, row.path, None, row) for row in rows)
+            elif path.is_dir():
                 files = sorted(
                     p
                     for p in path.iterdir()
@@ -121,9 +149,9 @@ def _expand(inputs: Input | Sequence[Input], features: bool) -> list[_Item]:
                 )
                 if not files:
                     log.warning("%s: no %s files in this folder", path, "/".join(sorted(wanted)))
-                named.extend((p.stem, p, None) for p in files)
+                named.extend((p.stem, p, None, None) for p in files)
             else:
-                named.append((path.stem or path.name, path, None))
+                named.append((path.stem or path.name, path, None, None))
         else:
             raise TypeError(
                 "inputs must be paths, folders, numpy arrays or tensors, "
@@ -132,21 +160,22 @@ def _expand(inputs: Input | Sequence[Input], features: bool) -> list[_Item]:
     if not named:
         raise ValueError("no inputs to predict (empty list, or folders without supported files)")
     items, seen = [], set()
-    for name, path, array in named:
+    for name, path, array, row in named:
         base = re.sub(r"[^\w.-]+", "_", name).strip("._") or "input"
         unique, n = base, 1
         while unique in seen:
             n += 1
             unique = f"{base}-{n}"
         seen.add(unique)
-        items.append(_Item(unique, path, array))
+        where = row.mask if row is not None and row.mask is not None else mask
+        items.append(_Item(unique, path, array, where, row))
     return items
 
 
-def _open(item: _Item, model: IPSModel, options: dict[str, Any]) -> PatchSource | FeatureBag:
+def _open(item: _Item, model: IPSModel, grid: GridConfig) -> PatchSource | FeatureBag:
     """Open one input as a patch container the model can read."""
     cfg = model.model_config
-    label = str(item.path) if item.path is not None else item.name
+    label = item.row.where if item.row is not None else str(item.path or item.name)
     is_bag = item.path is not None and item.path.suffix.lower() in FEATURE_SUFFIXES
     if model.is_features:
         if not is_bag:
@@ -166,10 +195,11 @@ def _open(item: _Item, model: IPSModel, options: dict[str, Any]) -> PatchSource 
         raise ValueError(
             f"{label}: a feature bag, but the model reads pixels (encoder {cfg.encoder!r})"
         )
-    kwargs = {k: v for k, v in options.items() if v is not None}
     if item.array is not None:
-        if "level" in kwargs or "target_mpp" in kwargs:
-            raise ValueError(f"{label}: level and target_mpp apply to files, not to arrays")
+        kwargs = grid_options(grid, item.mask, name=label)
+        files_only = sorted({"level", "downsample", "target_mpp"} & set(kwargs))
+        if files_only:
+            raise ValueError(f"{label}: {', '.join(files_only)} apply to files, not to arrays")
         source = ArraySource(
             item.array,
             patch_size=cfg.patch_size,
@@ -178,7 +208,7 @@ def _open(item: _Item, model: IPSModel, options: dict[str, Any]) -> PatchSource 
             **kwargs,
         )
     else:
-        source = open_source(item.path, patch_size=cfg.patch_size, **kwargs)
+        source = open_source(item.path, patch_size=cfg.patch_size, grid=grid, mask=item.mask)
     if source.channels != cfg.in_channels:
         source.close()
         raise ValueError(
@@ -203,12 +233,13 @@ def _prepare_model(
     checkpoint_or_model: IPSModel | str | os.PathLike,
     device: torch.device,
     overrides: dict[str, Any],
-) -> tuple[IPSModel, Callable[[], None]]:
-    """The model on ``device`` with selection overrides, and a function undoing the overrides
-    on a model object the caller passed."""
+) -> tuple[IPSModel, GridConfig, Callable[[], None]]:
+    """The model on ``device`` with selection overrides, the grid it was trained with (a
+    checkpoint's ``data.grid``; the default grid for a model object), and a function undoing
+    the overrides on a model object the caller passed."""
     if isinstance(checkpoint_or_model, (str, os.PathLike)):
-        model = load_model(checkpoint_or_model, map_location="cpu", **overrides)
-        return model.to(device), lambda: None
+        model, config = load_model_and_config(checkpoint_or_model, map_location="cpu", **overrides)
+        return model.to(device), config.data.grid, lambda: None
     if not isinstance(checkpoint_or_model, IPSModel):
         raise TypeError(
             "checkpoint_or_model must be an IPSModel or a checkpoint path, "
@@ -222,7 +253,7 @@ def _prepare_model(
     def restore() -> None:
         model.selection_config = previous
 
-    return model.to(device), restore
+    return model.to(device), GridConfig(), restore
 
 
 class ScoreMap:
@@ -307,12 +338,10 @@ def predict(
     heatmaps: bool = True,
     gallery_k: int = 16,
     scale: str = "rank",
-    tissue: Any = None,
-    min_tissue: float | None = None,
-    level: int | None = None,
-    target_mpp: float | None = None,
-    mpp: float | None = None,
-    stride: int | None = None,
+    grid: GridConfig | None = None,
+    grid_overrides: dict[str, Any] | None = None,
+    mask: str | os.PathLike | np.ndarray | None = None,
+    split: str | None = None,
     memory_size: int | None = None,
     chunk_size: int | None = None,
     thumbnail_size: int = 1024,
@@ -322,26 +351,29 @@ def predict(
 ) -> list[Prediction]:
     """Predict images, slides or feature bags with a trained model.
 
-    The checkpoint's config decides patch size, channels and normalisation; the visiting order
-    of selection is seeded, so a call is reproducible.
+    The checkpoint's config decides patch size, channels, normalisation and, unless ``grid``
+    says otherwise, how images are cut (``data.grid``); the visiting order of selection is
+    seeded, so a call is reproducible.
 
     Args:
         checkpoint_or_model: a checkpoint path or an IPSModel (moved to ``device``; selection
             overrides are undone afterwards).
         inputs: one or a list of: image / slide files, folders (their supported files, sorted,
-            not recursive), feature-bag files, numpy arrays or tensors (H, W[, C]).
+            not recursive), tables (``.csv`` / ``.tsv``: their rows' images and masks, see
+            ``ips.data.table``), feature-bag files, numpy arrays or tensors (H, W[, C]).
         out_dir: where to write the tables and per-input pictures; None writes nothing.
         device: where the model runs.
         batch_size: images selected and classified together.
         heatmaps: draw heatmap.png, selected.png, gallery.png (needs matplotlib).
         gallery_k: patches in gallery.png (0: no gallery).
         scale: colour scale of the score maps: "linear", "rank" or "log".
-        tissue: None, "otsu", a mask path or array: keep only patches on tissue.
-        min_tissue: least tissue fraction of a kept patch (the source's default when None).
-        level: pyramid level to read (files only).
-        target_mpp: microns per pixel to read at (files only; needs ``mpp`` unless recorded).
-        mpp: microns per level-0 pixel, where the file does not record it.
-        stride: patch grid step in pixels; default the patch size.
+        grid: stride, resolution and tissue filter; None: the checkpoint's (the default grid
+            for a model object).
+        grid_overrides: fields of ``grid`` to change, e.g. ``{"level": 1}`` (a resolution
+            field replaces the other resolution fields).
+        mask: a tissue mask (file or, for arrays, a boolean array) for every input; a table's
+            mask column wins for its rows.
+        split: of a table's rows, only those of this split ("train", "val" or "test").
         memory_size: M for inference (default: the checkpoint's).
         chunk_size: I for inference (default: the checkpoint's).
         thumbnail_size: longest side of the thumbnail under the heatmap.
@@ -375,15 +407,10 @@ def predict(
     overrides = {
         k: v for k, v in (("memory_size", memory_size), ("chunk_size", chunk_size)) if v is not None
     }
-    model, restore = _prepare_model(checkpoint_or_model, torch.device(device), overrides)
-    source_options = {
-        "stride": stride,
-        "level": level,
-        "target_mpp": target_mpp,
-        "mpp": mpp,
-        "tissue": tissue,
-        "min_tissue": min_tissue,
-    }
+    model, trained_grid, restore = _prepare_model(
+        checkpoint_or_model, torch.device(device), overrides
+    )
+    grid = _with_overrides(grid or trained_grid, grid_overrides or {})
     drawing = {
         "heatmaps": heatmaps,
         "gallery_k": gallery_k,
@@ -392,26 +419,44 @@ def predict(
     }
     out = None if out_dir is None else Path(out_dir)
     try:
-        items = _expand(inputs, model.is_features)
+        where = None if mask is None or isinstance(mask, np.ndarray) else Path(mask)
+        items = _expand(inputs, model.is_features, model.tasks, mask=where, split=split)
+        if isinstance(mask, np.ndarray):
+            items = [dataclasses.replace(item, mask=mask) for item in items]
         results: list[Prediction] = []
         with _progress(len(items), progress) as bar:
             for start in range(0, len(items), batch_size):
                 batch = items[start : start + batch_size]
-                results.extend(
-                    _predict_batch(model, batch, source_options, drawing, out, seed, on_error)
-                )
+                results.extend(_predict_batch(model, batch, grid, drawing, out, seed, on_error))
                 bar.update(len(batch))
     finally:
         restore()
     if out is not None:
         _write_tables(results, model.tasks, out)
+        labelled = [(item, pred) for item, pred in zip(items, results, strict=True) if item.row]
+        if labelled:
+            _write_metrics(labelled, model.tasks, out / "metrics.json")
     return results
+
+
+RESOLUTION = ("level", "downsample", "target_mpp")
+
+
+def _with_overrides(grid: GridConfig, overrides: dict[str, Any]) -> GridConfig:
+    """``grid`` with some fields changed; a resolution field given clears the other two."""
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(GridConfig)})
+    if unknown:
+        raise ValueError(f"grid_overrides: unknown grid field(s) {', '.join(unknown)}")
+    if any(k in changes for k in RESOLUTION):
+        changes = {**{k: None for k in RESOLUTION}, **changes}
+    return dataclasses.replace(grid, **changes)
 
 
 def _predict_batch(
     model: IPSModel,
     batch: Sequence[_Item],
-    source_options: dict[str, Any],
+    grid: GridConfig,
     drawing: dict[str, Any],
     out: Path | None,
     seed: int,
@@ -423,7 +468,7 @@ def _predict_batch(
     try:
         for i, item in enumerate(batch):
             try:
-                opened.append((i, item, _open(item, model, source_options)))
+                opened.append((i, item, _open(item, model, grid)))
             except Exception as err:
                 results[i] = _failed(item, err, on_error)
         groups = [opened] if opened else []
@@ -471,11 +516,13 @@ def _prediction(
     if coords is None:  # a feature bag without coords
         coords = np.full((len(container), 2), -1, dtype=np.int64)
     probs, labels = _task_outputs(logits, model.tasks, b)
+    raw = {t.name: logits[t.name][b].float().reshape(-1).cpu().tolist() for t in model.tasks}
     return Prediction(
         name=item.name,
         path=None if item.path is None else str(item.path),
         probabilities=probs,
         predicted=labels,
+        logits=raw,
         selected_ids=ids,
         selected_coords=np.asarray(coords[ids], dtype=np.int64),
         selected_scores=selection.scores[b][keep].numpy().astype(np.float32),
@@ -489,9 +536,11 @@ def _prediction(
 def _failed(item: _Item, err: Exception, on_error: str) -> Prediction:
     """Report a failed input, or raise with a one-line message naming it (on_error='fail')."""
     label = str(item.path) if item.path is not None else item.name
-    message = _one_line(err)
+    message = one_line(err)
     if label not in message and item.name not in message:
         message = f"{label}: {message}"
+    if item.row is not None and item.row.where not in message:
+        message = f"{item.row.where}: {message}"
     if on_error == "fail":
         if isinstance(err, (ValueError, OSError, ImportError)):
             try:
@@ -505,10 +554,6 @@ def _failed(item: _Item, err: Exception, on_error: str) -> Prediction:
     return Prediction(
         name=item.name, path=None if item.path is None else str(item.path), error=message
     )
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
 
 
 class _NoBar:
@@ -539,11 +584,21 @@ def _headline(pred: Prediction, tasks: Sequence[TaskSpec]) -> str:
     for task in tasks:
         label, probs = pred.predicted[task.name], pred.probabilities[task.name]
         if task.kind == "multilabel":
-            positive = [j for j, on in enumerate(label) if on]
-            parts.append(f"{task.name} {positive}")
+            parts.append(f"{task.name} [{', '.join(_label_names(task, label))}]")
         else:
-            parts.append(f"{task.name} {label} ({_label_probability(task, label, probs):.2f})")
+            name = _class_name(task, label)
+            parts.append(f"{task.name} {name} ({_label_probability(task, label, probs):.2f})")
     return ", ".join(parts)
+
+
+def _class_name(task: TaskSpec, label: int) -> str:
+    """A predicted class as the table wrote it: its name, or its index (binary: 0 / 1)."""
+    return task.class_name(label) if task.classes is not None else str(label)
+
+
+def _label_names(task: TaskSpec, decided: Sequence[int]) -> list[str]:
+    """The present labels of a multilabel prediction (0/1 per label), by name or index."""
+    return [_class_name(task, j) for j, on in enumerate(decided) if on]
 
 
 def _label_probability(task: TaskSpec, label: int, probs: list[float]) -> float:
@@ -667,9 +722,10 @@ def _write_tables(
 ) -> tuple[Path, Path]:
     """Write predictions.csv and predictions.jsonl (atomically) into ``out_dir``.
 
-    CSV columns: name, path; per task ``<task>`` (the predicted class, or the positive labels
-    separated by spaces for multilabel tasks) and ``<task>_prob`` (its probability), or
-    ``<task>_prob_<j>`` per label for multilabel tasks; num_patches; error.
+    CSV columns: name, path; per task ``<task>`` (the predicted class: its name where the task
+    has class names, else its index; for multilabel tasks the present labels separated by
+    ``;``, ``-`` for none, as a labels table writes them) and ``<task>_prob`` (its
+    probability), or ``<task>_prob_<j>`` per label for multilabel tasks; num_patches; error.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -692,13 +748,16 @@ def _write_tables(
                 continue
             label, probs = pred.predicted[task.name], pred.probabilities[task.name]
             if task.kind == "multilabel":
-                row.append(" ".join(str(j) for j, on in enumerate(label) if on))
+                row.append(";".join(_label_names(task, label)) or "-")
                 row += [_csv_number(p) for p in probs]
             else:
-                row += [label, _csv_number(_label_probability(task, label, probs))]
+                row += [
+                    _class_name(task, label),
+                    _csv_number(_label_probability(task, label, probs)),
+                ]
         row += [len(pred.all_scores) if pred.ok else "", pred.error or ""]
         writer.writerow(row)
-    lines = [json.dumps(_record(pred), allow_nan=False) for pred in results]
+    lines = [json.dumps(_record(pred, tasks), allow_nan=False) for pred in results]
     csv_path = _write_atomic(out_dir / "predictions.csv", text.getvalue().encode("utf-8"))
     jsonl_path = _write_atomic(
         out_dir / "predictions.jsonl", "".join(f"{line}\n" for line in lines).encode("utf-8")
@@ -706,11 +765,69 @@ def _write_tables(
     return csv_path, jsonl_path
 
 
+def _write_metrics(
+    labelled: Sequence[tuple[_Item, Prediction]], tasks: Sequence[TaskSpec], path: Path
+) -> Path:
+    """metrics.json: the metrics of the predictions of table rows against their labels (as
+    `ips eval` computes them; rows whose label of a task is empty do not count for it)."""
+    from ips.train import MetricTracker, nest_metrics
+
+    tracker = MetricTracker(tasks)
+    counts = {task.name: 0 for task in tasks}
+    failed = 0
+    for item, pred in labelled:
+        if not pred.ok:
+            failed += 1
+            continue
+        targets = {k: v.unsqueeze(0) for k, v in encode_labels(item.row, tasks).items()}
+        logits = {t.name: _logits(pred, t) for t in tasks}
+        loss = float(compute_loss(logits, targets, tasks)[0])
+        tracker.update(logits, targets, loss)
+        for task in tasks:
+            counts[task.name] += int(bool(item.row.labels.get(task.name)))
+    metrics = {
+        "images": len(labelled) - failed,
+        "failed": failed,
+        "labelled": counts,
+        "metrics": nest_metrics(tracker.compute()) if len(labelled) > failed else {},
+    }
+    text = json.dumps(_json_safe(metrics), indent=1, allow_nan=False)
+    return _write_atomic(path, (text + "\n").encode("utf-8"))
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and inf (an AUC of one class, say) as null, in nested dicts."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, float):
+        return _finite(value)
+    return value
+
+
+def _logits(pred: Prediction, task: TaskSpec) -> Tensor:
+    """(1, classes) or (1,) for binary: the logits of one prediction as the heads shape them."""
+    values = torch.tensor(pred.logits[task.name], dtype=torch.float32)
+    return values.reshape(1) if task.kind == "binary" else values.reshape(1, -1)
+
+
 def _csv_number(value: float) -> str:
     return f"{value:.6g}" if math.isfinite(value) else ""
 
 
-def _record(pred: Prediction) -> dict[str, Any]:
+def _named(pred: Prediction, tasks: Sequence[TaskSpec]) -> dict[str, Any]:
+    """Per task the predicted class name (multilabel: the present labels' names)."""
+    out: dict[str, Any] = {}
+    for task in tasks:
+        if task.name not in pred.predicted:
+            continue
+        label = pred.predicted[task.name]
+        out[task.name] = (
+            _label_names(task, label) if task.kind == "multilabel" else _class_name(task, label)
+        )
+    return out
+
+
+def _record(pred: Prediction, tasks: Sequence[TaskSpec]) -> dict[str, Any]:
     """Everything about a prediction as JSON-safe values (NaN and inf become null)."""
     coords_known = bool(len(pred.all_coords)) and bool((pred.all_coords >= 0).all())
     selected = [
@@ -730,6 +847,8 @@ def _record(pred: Prediction) -> dict[str, Any]:
         "path": pred.path,
         "probabilities": {k: [_finite(p) for p in v] for k, v in pred.probabilities.items()},
         "predicted": pred.predicted,
+        "labels": _named(pred, tasks),
+        "logits": {k: [_finite(v) for v in values] for k, values in pred.logits.items()},
         "num_patches": len(pred.all_scores),
         "patch_size": _finite(pred.patch_size),
         "image_size": list(pred.image_size),
