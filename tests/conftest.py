@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,18 @@ TINY_MNIST_SETS = [  # `--set` overrides that shrink a shipped Megapixel MNIST c
     "selection.memory_size=4",
     "selection.chunk_size=8",
 ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def grid_cache_dir(tmp_path_factory):
+    """Grid caches go to a folder of the test session, not to ~/.cache."""
+    previous = os.environ.get("IPS_CACHE_DIR")
+    os.environ["IPS_CACHE_DIR"] = str(tmp_path_factory.mktemp("ips_cache"))
+    yield Path(os.environ["IPS_CACHE_DIR"])
+    if previous is None:
+        os.environ.pop("IPS_CACHE_DIR", None)
+    else:
+        os.environ["IPS_CACHE_DIR"] = previous
 
 
 @pytest.fixture

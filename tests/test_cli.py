@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+import ips
 from conftest import SHARED_DATA, TINY_MNIST_SETS
 from ips.cli import main
 
@@ -178,3 +179,145 @@ def test_predict_command_writes_tables_and_reports_a_bad_input(tmp_path, capsys,
     rows = (tmp_path / "out" / "predictions.csv").read_text().splitlines()
     assert len(rows) == 3 and any("broken.png" in r for r in rows)
     assert "broken.png" in capsys.readouterr().err
+
+
+def _own_cohort(folder) -> tuple[object, int]:
+    """A table mixing PNG photos (with a tissue mask), generated pyramidal TIFFs and, where
+    the shared data is there, the real Aperio slide; returns (table, rows)."""
+    from PIL import Image
+
+    from ips.sources import write_synthetic_slide
+
+    rng = np.random.default_rng(0)
+    rows = [["path", "kind", "flag", "split", "mask"]]
+    full = folder / "all_tissue.png"
+    Image.fromarray(np.full((8, 8), 255, dtype=np.uint8)).save(full)
+    for i in range(6):
+        image = rng.integers(100, 160, (256, 256, 3), dtype=np.uint8)
+        if i % 2:
+            image[64:128, 128:192] = (200, 20, 40)
+        Image.fromarray(image).save(folder / f"photo{i}.png")
+        split = {4: "val", 5: "test"}.get(i, "train")
+        flag = "" if i == 2 else i % 2  # one unknown label
+        rows.append([f"photo{i}.png", "tumour" if i % 2 else "normal", flag, split, full.name])
+    for i, lesions in enumerate((2, 0)):
+        write_synthetic_slide(
+            folder / f"slide{i}.tif",
+            width=1024,
+            height=1024,
+            lesions=lesions,
+            tile_size=128,
+            seed=i,
+        )
+        kind = "tumour" if lesions else "normal"
+        rows.append([f"slide{i}.tif", kind, int(bool(lesions)), "train" if i else "test", ""])
+    svs = SHARED_DATA / "cmu_small_region.svs"
+    if svs.exists():
+        rows.append([str(svs), "normal", 0, "train", ""])
+    table = folder / "labels.csv"
+    table.write_text("".join(",".join(str(c) for c in row) + "\n" for row in rows))
+    return table, len(rows) - 1
+
+
+def test_own_images_and_slides_train_resume_evaluate_and_predict_through_the_cli(tmp_path, capsys):
+    import csv
+
+    from ips.config import GridConfig
+    from ips.sources import open_source
+
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    table, count = _own_cohort(cohort)
+    run = tmp_path / "run"
+    sets = [
+        "data.dataset=table",
+        f"data.path={table}",
+        "data.grid.downsample=4",
+        "data.grid.tissue=otsu",
+        "model.encoder=small_cnn",
+        "model.in_channels=3",
+        "model.patch_size=32",
+        "model.embed_dim=16",
+        "model.num_heads=2",
+        "model.head_dim=8",
+        "model.mlp_dim=32",
+        "model.tasks={kind: {kind: multiclass, num_classes: null}, flag: {kind: binary}}",
+        "selection.memory_size=4",
+        "selection.chunk_size=16",
+        "train.batch_size=2",
+        "train.epochs=1",
+    ]
+    train = ["train", "--config", "megapixel_mnist_cpu", "--out", str(run), "--no-progress", "-q"]
+    assert main([*train, *[a for s in sets for a in ("--set", s)]]) == 0
+    assert main([*train, "--resume", "--set", "train.epochs=2"]) == 0
+    with (run / "metrics.csv").open(newline="") as fh:
+        epochs = list(csv.DictReader(fh))
+    assert [r["epoch"] for r in epochs] == ["1", "2"] and epochs[1]["train_skipped"] == "0"
+    stored = ips.load_checkpoint(run / "last.pt")
+    assert stored["epoch"] == 2
+    assert stored["config"]["model"]["tasks"]["kind"]["classes"] == ["normal", "tumour"]
+    assert stored["config"]["data"]["grid"]["downsample"] == 4.0
+    capsys.readouterr()
+
+    assert main(["eval", "--checkpoint", str(run / "best.pt"), "--json", "--no-progress"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(printed["test"]) >= {"kind", "flag", "loss"}
+
+    out = tmp_path / "preds"
+    predict = ["predict", "--checkpoint", str(run / "best.pt"), str(table), "--split", "test"]
+    assert main([*predict, "--out", str(out), "--no-pictures", "--no-progress", "-q"]) == 0
+    with (out / "predictions.csv").open(newline="") as fh:
+        predicted = list(csv.DictReader(fh))
+    assert [r["name"] for r in predicted] == ["photo5", "slide0"]
+    assert {r["kind"] for r in predicted} <= {"normal", "tumour"}
+    scored = json.loads((out / "metrics.json").read_text())
+    assert scored["images"] == 2 and scored["labelled"] == {"kind": 2, "flag": 2}
+    assert set(scored["metrics"]["kind"]) == {"accuracy"}
+
+    # a new slide is cut as training cut its slides: the checkpoint's grid
+    assert (
+        main(
+            [
+                *predict[:3],
+                str(cohort / "slide1.tif"),
+                "--out",
+                str(tmp_path / "new"),
+                "--no-pictures",
+                "--no-progress",
+                "-q",
+            ]
+        )
+        == 0
+    )
+    record = json.loads((tmp_path / "new" / "predictions.jsonl").read_text())
+    expected = open_source(
+        cohort / "slide1.tif", patch_size=32, grid=GridConfig(downsample=4, tissue="otsu")
+    )
+    assert record["num_patches"] == len(expected) < (1024 // 4 // 32) ** 2
+
+
+def test_eval_of_a_table_without_a_test_split_says_so(tmp_path, capsys):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "t.csv").write_text("path,spot\na.png,1\na.png,0\n")
+    sets = [
+        "data.dataset=table",
+        f"data.path={tmp_path / 't.csv'}",
+        "data.val_fraction=0",
+        "model.encoder=small_cnn",
+        "model.in_channels=3",
+        "model.patch_size=16",
+        "model.tasks={spot: {kind: binary}}",
+        "selection.memory_size=2",
+        "selection.chunk_size=2",
+        "train.batch_size=2",
+        "train.epochs=1",
+    ]
+    run = tmp_path / "run"
+    train = ["train", "--config", "megapixel_mnist_cpu", "--out", str(run), "--no-progress", "-q"]
+    assert main([*train, *[a for s in sets for a in ("--set", s)]]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run / "best.pt"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "t.csv: there is no test split" in err[0]

@@ -17,6 +17,7 @@ import uuid
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -333,3 +334,20 @@ def test_a_failure_in_one_process_ends_the_run_with_its_error(tiny_mnist, tmp_pa
     (error_file,) = (tmp_path / "logs").glob("*/attempt_0/1/error.json")
     error = json.loads(error_file.read_text())["message"]["message"]
     assert error.startswith("OSError: corrupt tile in image")
+
+
+def test_balanced_sampling_draws_every_class_equally_often_in_an_epoch_of_the_same_length():
+    from ips.distributed import balanced_weights
+
+    classes = [0] * 90 + [1] * 10 + [-1] * 20  # imbalanced, some unknown
+    weights = balanced_weights(classes)
+    sampler = TrainBatchSampler(len(classes), 8, seed=0, weights=weights)
+    drawn = [i for batch in sampler for i in batch]
+    assert len(drawn) == len(classes)
+    again = TrainBatchSampler(len(classes) * 50, 8, seed=1, weights=weights * 50)
+    counts = np.bincount([classes[i % 120] + 1 for batch in again for i in batch], minlength=3)
+    unknown, zeros, ones = counts / counts.sum()
+    assert zeros == pytest.approx(ones, abs=0.03) and unknown == pytest.approx(20 / 120, abs=0.03)
+    assert TrainBatchSampler(120, 8, seed=0, weights=weights).batches == sampler.batches
+    with pytest.raises(ValueError, match="no image of the training set has a known label"):
+        balanced_weights([-1, -1])

@@ -92,3 +92,27 @@ def test_unknown_encoder_and_duplicate_registration_raise():
         create_encoder("resnet19")
     with pytest.raises(ValueError, match="already registered"):
         register_encoder("features")(lambda **_: None)
+
+
+def test_pretrained_trunks_carry_the_normalisation_their_weights_expect():
+    from ips.config import ModelConfig
+    from ips.encoders import IMAGENET_MEAN, IMAGENET_STD, with_weights_normalization
+
+    rgb = with_weights_normalization(
+        ModelConfig(encoder="resnet18_4blocks", in_channels=3, pretrained="w.pt")
+    )
+    assert (rgb.normalize_mean, rgb.normalize_std) == (IMAGENET_MEAN, IMAGENET_STD)
+    grey = with_weights_normalization(ModelConfig(encoder="resnet18_2blocks", pretrained=True))
+    assert grey.normalize_mean == pytest.approx((sum(IMAGENET_MEAN) / 3,))
+    untrained = ModelConfig(encoder="resnet18_2blocks")
+    assert with_weights_normalization(untrained) == untrained
+    chosen = ModelConfig(
+        encoder="resnet18_2blocks", pretrained=True, normalize_mean=(0.5,), normalize_std=(0.2,)
+    )
+    assert with_weights_normalization(chosen) == chosen  # what the user set stays
+    assert (
+        with_weights_normalization(
+            ModelConfig(encoder="small_cnn", pretrained="w.pt")
+        ).normalize_mean
+        is None
+    )

@@ -42,7 +42,7 @@ RUN = [
     "train.deterministic=true",
     "data.val_fraction=0.25",
 ]
-TIMING = ("elapsed_s", "images_per_second")  # metrics.csv columns that measure the clock
+TIMING = ("elapsed_s", "images_per_second", "peak_rss_mb")  # columns measuring the machine
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the in-process run below uses one thread too
 
 

@@ -227,3 +227,49 @@ def test_under_bf16_autocast_positions_score_identical_patches_as_in_float32(tin
 
     for fp32, bf16 in zip(scores(False), scores(True), strict=True):
         assert (bf16 - fp32).abs().max() <= 1e-4 * (fp32.max() - fp32.min())
+
+
+def test_a_frozen_encoder_trains_only_its_projection_pooling_and_heads(tiny):
+    model = _model({**tiny, "encoder": "small_cnn", "embed_dim": 16}, freeze_encoder=True)
+    model.train()
+    assert not model.encoder.training and model.pool.training  # the trunk stays in eval mode
+    trunk = {k: v.clone() for k, v in model.encoder.state_dict().items() if "proj" not in k}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    out = model(random_patches(4, 20))
+    compute_loss(out.logits, random_targets(4), model.tasks)[0].backward()
+    optimizer.step()
+    after = model.encoder.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in trunk.items())  # weights and BN statistics
+    assert model.encoder.proj.weight.grad is not None and model.pool.queries.grad is not None
+    frozen = [k for k, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(k.startswith("encoder.") and ".proj." not in k for k in frozen)
+
+
+def test_a_frozen_features_encoder_is_refused(tiny):
+    with pytest.raises(ValueError, match="model.freeze_encoder"):
+        ips.create_model(
+            encoder="features",
+            feature_dim=8,
+            freeze_encoder=True,
+            **{k: v for k, v in tiny.items() if k not in ("in_channels", "patch_size")},
+        )
+
+
+def test_augmentation_changes_only_the_patches_of_the_gradient_pass(tiny):
+    model = _model(tiny)
+    patches = random_patches(2, 30)
+    generator = torch.Generator().manual_seed(3)
+    plain = model.select(patches, generator=torch.Generator().manual_seed(3))
+    seen = []
+
+    def augment(raw):
+        seen.append(raw.clone())
+        return 255 - raw
+
+    model.train()
+    out = model(patches, generator=generator, augment=augment)
+    assert torch.equal(out.selected, plain.ids)  # selection never saw the change
+    (raw,) = seen
+    assert raw.shape == (2 * 5, 1, 8, 8)  # only the B x M kept patches, once
+    kept = torch.stack([patches[b, plain.ids[b]] for b in range(2)]).flatten(0, 1)
+    assert torch.equal(raw, kept)

@@ -13,6 +13,7 @@ from PIL import Image
 from torch import nn
 
 import ips
+from ips.config import GridConfig
 from ips.predict import run_predict
 from ips.viz import score_grid
 
@@ -72,7 +73,7 @@ def save_png(image: np.ndarray, path: Path) -> Path:
 def test_top_patch_heatmap_maximum_and_geojson_sit_on_the_bright_object(tmp_path, scale):
     image = object_image(scale)
     path = save_png(image, tmp_path / "object.png")
-    options = {"target_mpp": float(scale), "mpp": 1.0} if scale > 1 else {}
+    options = {"grid": GridConfig(target_mpp=float(scale), mpp=1.0)} if scale > 1 else {}
     (pred,) = ips.predict(brightness_model(), [path], out_dir=tmp_path / "out", **options)
     assert pred.ok, pred.error
     side = PATCH * scale  # patch side in level-0 pixels

@@ -92,8 +92,10 @@ def test_a_tiny_training_run_lowers_the_loss_and_logs_everything(tiny_mnist, tmp
         "val_attention_entropy",
         "lr",
         "train_images_per_second",
+        "peak_rss_mb",
     ):
         assert key in rows[0], key
+    assert float(rows[0]["peak_rss_mb"]) > 50  # MiB: torch alone takes more
     assert (tmp_path / "best.pt").exists() and (tmp_path / "config.yaml").exists()
     assert any((tmp_path / "tensorboard").iterdir())
 
@@ -218,3 +220,35 @@ def test_a_bf16_run_trains_and_its_checkpoint_evaluates(tiny_mnist, tmp_path):
     assert all(math.isfinite(row["val_main"]) for row in history)
     metrics = evaluate_checkpoint(tmp_path / "run" / "best.pt")
     assert set(metrics) >= {"majority/accuracy", "loss"}
+
+
+def test_data_balance_draws_the_rare_class_as_often_as_the_common_one(tmp_path):
+    from ips.data.registry import build_dataset
+    from ips.train import make_train_loader
+    from test_data_table import table_config, write_image, write_table
+
+    rows = []
+    for i in range(40):
+        write_image(tmp_path / f"{i}.png", spot=i < 4, seed=i)
+        rows.append([f"{i}.png", int(i < 4)])
+    table = write_table(tmp_path / "t.csv", ["path", "spot"], rows)
+    config = table_config(
+        table, {"spot": {"kind": "binary"}}, "data.val_fraction=0", "data.balance=spot"
+    )
+    train = build_dataset(config, "train")
+    drawn = []
+    for epoch in range(10):
+        batches = make_train_loader(train, config, epoch=epoch).batch_sampler
+        drawn += [i for batch in batches for i in batch]
+    assert len(drawn) == 10 * 40  # epochs keep their length
+    share = np.mean([i < 4 for i in drawn])
+    assert 0.4 < share < 0.6  # 10 % of the images, half of the draws
+
+
+def test_augmented_training_runs_and_refuses_colour_jitter_on_grey_images(tmp_path, tiny_mnist):
+    config = _config(tiny_mnist, "train.epochs=1", "data.augment.flips=true")
+    summary = fit(config, tmp_path / "flips", progress=False)
+    assert summary["epochs"] == 1
+    grey = _config(tiny_mnist, "train.epochs=1", "data.augment.hue=0.1")
+    with pytest.raises(ValueError, match="data.augment.hue needs RGB patches"):
+        fit(grey, tmp_path / "hue", progress=False)
