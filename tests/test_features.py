@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ips.cli import main
+from ips.config import GridConfig
 from ips.data.camelyon16 import write_synthetic_camelyon16
 from ips.data.feature_bags import open_feature_bag
 from ips.features import (
@@ -81,7 +82,7 @@ def test_bags_hold_one_feature_row_per_tissue_tile_at_level0_coords(camelyon, tm
 def test_a_coarser_level_keeps_level0_coordinates(tmp_path):
     slide = write_synthetic_slide(tmp_path / "s.tif", width=1024, height=768, tile_size=256)
     out = tmp_path / "bags"
-    extract_features(slide.path, out, level=1, **FAST)
+    extract_features(slide.path, out, grid=GridConfig(level=1, tissue="otsu"), **FAST)
     source = open_source(slide.path, patch_size=TILE, level=1, tissue="otsu")
     with h5py.File(out / "s.h5", "r") as f:
         np.testing.assert_array_equal(f["coords"][()], source.coords)
@@ -234,7 +235,7 @@ def test_cli_extracts_resumes_and_reports_failures(camelyon, tmp_path, capsys):
         (["--patch-size", "0"], "--patch-size must be >= 1"),
         (["--encoder", "features"], "not a pixel encoder"),
         (["--weights", "missing.pth"], "missing.pth: no such file"),
-        (["--level", "1", "--target-mpp", "1.0"], "level or target_mpp"),
+        (["--level", "1", "--target-mpp", "1.0"], "one of level, downsample and target_mpp"),
     ],
 )
 def test_cli_user_errors_are_one_line(camelyon, tmp_path, capsys, extra, message):
@@ -242,3 +243,23 @@ def test_cli_user_errors_are_one_line(camelyon, tmp_path, capsys, extra, message
     assert main(args + extra) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ips: error:") and message in err and len(err.splitlines()) == 1
+
+
+def test_settings_keep_the_json_of_earlier_bags_so_they_are_not_refused():
+    from ips.features import ExtractionSettings
+
+    # as bags written before the grid settings were one object record them
+    before = (
+        '{"amp": "none", "encoder": "resnet50_4blocks", "level": 0, "min_tissue": 0.01, '
+        '"mpp": null, "patch_size": 256, "seed": 0, "target_mpp": null, "tissue": "otsu", '
+        '"weights": null}'
+    )
+    assert ExtractionSettings().to_json() == before
+    strided = ExtractionSettings(grid=GridConfig(stride=128, tissue="none", target_mpp=1.0))
+    assert json.loads(strided.to_json()) == {
+        **json.loads(before),
+        "level": None,
+        "target_mpp": 1.0,
+        "tissue": None,
+        "stride": 128,
+    }

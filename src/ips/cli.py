@@ -222,13 +222,16 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="'imagenet' (pretrained, downloaded once) or a state-dict file; default untrained",
     )
     p.add_argument("--patch-size", type=int, default=256, help="tile side in read pixels")
-    p.add_argument("--level", type=int, help="pyramid level to read (default 0)")
-    p.add_argument("--target-mpp", type=float, help="read at this many microns per pixel")
-    p.add_argument("--mpp", type=float, help="level-0 microns per pixel (overrides the file)")
-    p.add_argument(
+    g = p.add_argument_group("grid", "how slides are cut into tiles")
+    g.add_argument("--level", type=int, help="pyramid level to read (default 0)")
+    g.add_argument("--downsample", type=float, help="read at this many level-0 pixels per pixel")
+    g.add_argument("--target-mpp", type=float, help="read at this many microns per pixel")
+    g.add_argument("--mpp", type=float, help="level-0 microns per pixel (overrides the file)")
+    g.add_argument("--stride", type=int, help="tile step in read pixels (default: the tile side)")
+    g.add_argument(
         "--tissue", default="otsu", choices=["otsu", "none"], help="tissue detection ('none': all)"
     )
-    p.add_argument("--min-tissue", type=float, default=0.01, help="least tissue share of a tile")
+    g.add_argument("--min-tissue", type=float, default=0.01, help="least tissue share of a tile")
     p.add_argument("--batch-size", type=int, default=64, help="tiles per encoder call")
     p.add_argument("--workers", type=int, default=0, help="DataLoader processes reading tiles")
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast")
@@ -639,6 +642,7 @@ def cmd_make_cohort(args: argparse.Namespace) -> int:
 def cmd_extract_features(args: argparse.Namespace) -> int:
     import os
 
+    from ips.config import GridConfig
     from ips.features import extract_features
 
     _check_positive(args, "patch_size", "batch_size")
@@ -647,17 +651,22 @@ def cmd_extract_features(args: argparse.Namespace) -> int:
     device = _device(args.device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = _device(f"cuda:{int(os.environ['LOCAL_RANK'])}")  # torchrun: one GPU each
+    grid = GridConfig(
+        stride=args.stride,
+        level=args.level,
+        downsample=args.downsample,
+        target_mpp=args.target_mpp,
+        mpp=args.mpp,
+        tissue=args.tissue,
+        min_tissue=args.min_tissue,
+    )
     summary = extract_features(
         args.inputs,
         args.out,
         encoder=args.encoder,
         weights=args.weights,
         patch_size=args.patch_size,
-        level=args.level,
-        target_mpp=args.target_mpp,
-        mpp=args.mpp,
-        tissue=None if args.tissue == "none" else args.tissue,
-        min_tissue=args.min_tissue,
+        grid=grid,
         amp=args.amp,
         seed=args.seed,
         batch_size=args.batch_size,

@@ -31,7 +31,6 @@ library's pretrained weights, downloaded once), or a local state-dict file.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -47,6 +46,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from ips.config import GridConfig
 from ips.data.camelyon16 import is_camelyon16, slide_files
 from ips.data.feature_bags import import_h5py
 from ips.encoders import (
@@ -72,6 +72,9 @@ AMP = ("none", "bf16", "fp16")
 SUMMARY = "extraction_summary.json"
 
 
+EXTRACTION_GRID = GridConfig(tissue="otsu")  # tiles of tissue at level 0
+
+
 @dataclass(frozen=True)
 class ExtractionSettings:
     """What decides the features of a slide; stored in every bag and checked on resume."""
@@ -79,32 +82,41 @@ class ExtractionSettings:
     encoder: str = "resnet50_4blocks"  # a registered pixel encoder, or "timm:<model name>"
     weights: str | None = None  # None: untrained; "imagenet": pretrained; else a state-dict path
     patch_size: int = 256  # P: tile side in pixels at the read resolution
-    level: int | None = None  # pyramid level to read (None: level 0, unless target_mpp)
-    target_mpp: float | None = None  # microns per read pixel (needs the slide's or given mpp)
-    mpp: float | None = None  # microns per level-0 pixel, where the slide does not record it
-    tissue: str | None = "otsu"  # "otsu" (Otsu on a thumbnail) or None (every tile)
-    min_tissue: float = 0.01  # least tissue fraction of a kept tile
+    grid: GridConfig = EXTRACTION_GRID  # stride, resolution, tissue filter ("none" or "otsu")
     amp: str = "none"  # "none", "bf16" or "fp16" (CUDA) autocast for the encoder
     seed: int = 0  # initialises an untrained encoder
 
     def __post_init__(self) -> None:
         if int(self.patch_size) != self.patch_size or self.patch_size < 1:
             raise ValueError(f"patch_size must be a positive integer, got {self.patch_size!r}")
-        if self.level is not None and self.target_mpp is not None:
-            raise ValueError("give level or target_mpp, not both")
-        if self.level is None and self.target_mpp is None:
-            object.__setattr__(self, "level", 0)  # the same settings as level=0 given
-        if self.tissue not in (None, "otsu"):
-            raise ValueError(f"tissue must be 'otsu' or None, got {self.tissue!r}")
-        if not 0 <= self.min_tissue <= 1:
-            raise ValueError(f"min_tissue must be in [0, 1], got {self.min_tissue}")
+        if self.grid.tissue == "mask":
+            raise ValueError("tissue must be 'otsu' or 'none' for extraction, got 'mask'")
         if self.amp not in AMP:
             raise ValueError(f"amp must be one of {AMP}, got {self.amp!r}")
 
     def to_json(self) -> str:
         """The settings that change the features, as sorted JSON (the seed only matters for
-        an untrained encoder)."""
-        values = dataclasses.asdict(self)
+        an untrained encoder). Grid fields at the defaults bags have always had (no stride,
+        no downsample; level 0 unless another resolution is asked for) keep their old form,
+        so bags written before stay comparable."""
+        grid = self.grid
+        values: dict[str, Any] = {
+            "encoder": self.encoder,
+            "weights": self.weights,
+            "patch_size": self.patch_size,
+            "amp": self.amp,
+            "seed": self.seed,
+            "level": grid.level,
+            "target_mpp": grid.target_mpp,
+            "mpp": grid.mpp,
+            "tissue": None if grid.tissue == "none" else grid.tissue,
+            "min_tissue": grid.min_tissue,
+        }
+        if grid.level is None and grid.target_mpp is None and grid.downsample is None:
+            values["level"] = 0  # the same settings as level=0 given
+        for key in ("stride", "downsample"):
+            if getattr(grid, key) is not None:
+                values[key] = getattr(grid, key)
         if self.weights is not None:
             values.pop("seed")
         return json.dumps(values, sort_keys=True)
@@ -321,15 +333,7 @@ def extract_slide(
 
     device = torch.device(device)
     slide = Path(slide)
-    source = open_source(
-        slide,
-        patch_size=settings.patch_size,
-        level=settings.level,
-        target_mpp=settings.target_mpp,
-        mpp=settings.mpp,
-        tissue=settings.tissue,
-        min_tissue=settings.min_tissue,
-    )
+    source = open_source(slide, patch_size=settings.patch_size, grid=settings.grid)
     if source.channels not in (1, 3):
         raise ValueError(f"{slide}: {source.channels} channels; the encoders read RGB or grey")
     n, width = len(source), extractor.feature_dim
@@ -373,8 +377,8 @@ def extract_slide(
                     "encoder": settings.encoder,
                     "weights": settings.weights or "none",
                     "feature_dim": int(width),
-                    "tissue": settings.tissue or "none",
-                    "min_tissue": float(settings.min_tissue),
+                    "tissue": settings.grid.tissue,
+                    "min_tissue": float(settings.grid.min_tissue),
                     "normalize_mean": np.asarray(extractor.mean, dtype=np.float64),
                     "normalize_std": np.asarray(extractor.std, dtype=np.float64),
                     "slide": slide.name,
@@ -423,11 +427,7 @@ def extract_features(
     encoder: str = "resnet50_4blocks",
     weights: str | None = None,
     patch_size: int = 256,
-    level: int | None = None,
-    target_mpp: float | None = None,
-    mpp: float | None = None,
-    tissue: str | None = "otsu",
-    min_tissue: float = 0.01,
+    grid: GridConfig = EXTRACTION_GRID,
     amp: str = "none",
     seed: int = 0,
     batch_size: int = 64,
@@ -443,8 +443,7 @@ def extract_features(
         inputs: slide files, folders (a CAMELYON16 folder gives all its slides) and ``.txt``
             lists of slide paths.
         out_dir: the folder of bags (created).
-        encoder, weights, patch_size, level, target_mpp, mpp, tissue, min_tissue, amp, seed:
-            see `ExtractionSettings`.
+        encoder, weights, patch_size, grid, amp, seed: see `ExtractionSettings`.
         batch_size: tiles per encoder call.
         num_workers: DataLoader processes reading tiles.
         device: where the encoder runs.
@@ -462,11 +461,7 @@ def extract_features(
         encoder=encoder,
         weights=None if weights is None else str(weights),
         patch_size=patch_size,
-        level=level,
-        target_mpp=target_mpp,
-        mpp=mpp,
-        tissue=tissue,
-        min_tissue=min_tissue,
+        grid=grid,
         amp=amp,
         seed=seed,
     )
