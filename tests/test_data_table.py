@@ -392,3 +392,17 @@ def test_an_image_folder_refuses_a_second_task(tmp_path):
     )
     with pytest.raises(ValueError, match="an image folder has one multiclass task"):
         resolve_config(config)
+
+
+def test_loader_workers_hand_over_sources_that_read_the_same_patches(photos):
+    from torch.utils.data import DataLoader
+
+    from ips.data.collate import collate_patches
+
+    dataset = build_dataset(table_config(photos, TASKS), "train")
+    loader = DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=collate_patches)
+    for batch in loader:
+        for source, i in zip(batch["patches"], batch["index"].tolist(), strict=True):
+            ids = np.arange(len(source))
+            np.testing.assert_array_equal(source.read(ids), dataset.open(i).read(ids))
+        assert batch["targets"]["grade"].dtype == torch.long

@@ -385,3 +385,53 @@ def test_mnist_download_checks_every_file_and_keeps_nothing_unverified(
     loaded = mnist_module._download(tmp_path)
     assert loaded is not None and np.array_equal(loaded.test_labels, digits.test_labels)
     assert np.array_equal(np.load(tmp_path / "mnist.npz")["x_train"], digits.train_images)
+
+
+# ---- own data: unreadable rows of a table -----------------------------------------------------
+
+
+def _slide_table(slides: Path, tmp_path: Path, *extra: str) -> list[str]:
+    """`ips train` of a tiny RGB model on a table of good.tif, bad.tif (read lazily: its
+    corrupt tile is met during selection) and a PNG whose mask holds no tissue."""
+    from PIL import Image
+
+    Image.fromarray(np.full((64, 64, 3), 255, dtype=np.uint8)).save(tmp_path / "glass.png")
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "empty.png")
+    rows = [f"{slides / 'good.tif'},1,", f"{slides / 'bad.tif'},0,", "glass.png,0,empty.png"]
+    (tmp_path / "t.csv").write_text("path,tumour,mask\n" + "\n".join(rows) + "\n")
+    sets = [
+        "data.dataset=table",
+        f"data.path={tmp_path / 't.csv'}",
+        "data.val_fraction=0",
+        "model.encoder=small_cnn",
+        "model.in_channels=3",
+        "model.patch_size=32",
+        "model.tasks={tumour: {kind: binary}}",
+        "selection.memory_size=4",
+        "selection.chunk_size=16",
+        "train.batch_size=1",
+        "train.epochs=1",
+        *extra,
+    ]
+    args = ["train", "--config", "megapixel_mnist_cpu", "--out", str(tmp_path / "run")]
+    return [*args, "--no-progress", *[a for s in sets for a in ("--set", s)]]
+
+
+def test_unreadable_rows_of_a_table_are_skipped_and_counted_under_skip(slides, tmp_path, capsys):
+    assert main(_slide_table(slides, tmp_path, "data.on_error=skip")) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert any(
+        "bad.tif" in line and "skipped a step of 1 images" in line for line in err.split("\n")
+    )
+    assert any("t.csv:4" in line and "no patch has a tissue" in line for line in err.split("\n"))
+    (row,) = _metrics(tmp_path / "run")
+    assert row["train_skipped"] == "2"  # the corrupt tile and the glass without tissue
+    assert float(row["train_loss"]) > 0  # the good slide trained
+
+
+def test_an_unreadable_row_of_a_table_stops_the_run_naming_it_under_fail(slides, tmp_path, capsys):
+    assert main([*_slide_table(slides, tmp_path), "-q"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ips: error: ")
+    assert "bad.tif" in lines[0] or "t.csv:4" in lines[0]

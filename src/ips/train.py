@@ -39,13 +39,16 @@ from ips.data.collate import SkipErrors, collate_patches
 from ips.data.registry import build_dataset, build_validation, resolve_config
 from ips.distributed import EvalBatchSampler, TrainBatchSampler, balanced_weights
 from ips.encoders import with_weights_normalization
+from ips.errors import one_line
 from ips.files import atomic_write
 from ips.heads import compute_loss, known, predictions, probabilities
 from ips.model import IPSModel, load_checkpoint, save_checkpoint, weights_mismatch
+from ips.sources.base import CannotReadError
 
 log = logging.getLogger(__name__)
 
 MAIN_METRIC = "val_main"
+READ_ERRORS = (CannotReadError, OSError)  # patches of a lazy source that cannot be read
 
 
 # ---- optimisation ---------------------------------------------------------------------------
@@ -301,10 +304,14 @@ def train_one_epoch(
     progress: Callable[[Iterable], Iterable] | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     augment: Callable[[Tensor], Tensor] | None = None,
+    skip_errors: bool = False,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns the epoch's training metrics (over all processes).
 
-    ``augment`` changes the kept patches of the gradient pass (see `IPSModel.forward`).
+    ``augment`` changes the kept patches of the gradient pass (see `IPSModel.forward`). With
+    ``skip_errors`` (``data.on_error: skip``) a step whose patches cannot be read during
+    selection (a corrupt tile of a lazily read slide) is left out and its images counted as
+    skipped (one process only; several processes stop).
 
     ``model`` is an IPSModel, or one inside DistributedDataParallel (``distributed.wrap``).
     Its forward selects first (no gradients, eval mode, on this process's images only), then
@@ -345,6 +352,8 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         order = generator.get_state()
         step_loss = 0.0
+        done = []  # (logits, targets, loss, diagnostics) per micro-batch, tracked once it stepped
+        unreadable: Exception | None = None
         for i, (batch, count) in enumerate(zip(parts, counts, strict=True)):
             if not count:
                 if not parallel:  # nothing to do and no other process to keep in step with
@@ -359,7 +368,13 @@ def train_one_epoch(
             generator.set_state(order)  # each micro-batch visits patches in the batch's order
             synced = i == len(parts) - 1 or not parallel
             with contextlib.nullcontext() if synced else model.no_sync():
-                out, loss, targets = _forward(model, batch, device, generator, cfg.amp, augment)
+                try:
+                    out, loss, targets = _forward(model, batch, device, generator, cfg.amp, augment)
+                except READ_ERRORS as err:  # a tile of a lazy slide that cannot be decoded
+                    if not skip_errors or parallel:  # other processes cannot skip with us
+                        raise
+                    unreadable = err
+                    break
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"the training loss became {loss.item()} at step {scheduler.last_epoch}; "
@@ -370,12 +385,20 @@ def train_one_epoch(
             if not count:
                 continue
             fallback = batch
-            tracker.update(out.logits, targets, loss.item())
-            for name, values in selection_diagnostics(
+            diagnostics = selection_diagnostics(
                 dataset, batch["index"], out.selected, out.mask, out.attention
-            ).items():
-                tracker.add(name, values)
+            )
+            done.append((out.logits, targets, loss.item(), diagnostics))
             step_loss += loss.item() * count
+        if unreadable is not None:  # the whole step is left out, its images counted skipped
+            log.warning("skipped a step of %d images: %s", total, one_line(unreadable))
+            skipped += total
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        for logits, targets, loss_value, diagnostics in done:
+            tracker.update(logits, targets, loss_value)
+            for name, values in diagnostics.items():
+                tracker.add(name, values)
         if scaler is not None:
             scaler.unscale_(optimizer)
         if cfg.grad_clip is not None:
@@ -431,9 +454,11 @@ def evaluate(
     amp: str = "none",
     seed: int = 0,
     progress: Callable[[Iterable], Iterable] | None = None,
+    skip_errors: bool = False,
 ) -> dict[str, float]:
     """Metrics per task (accuracy, exact match and label accuracy, AUC), the loss, and the
-    selection diagnostics, with the model in eval mode.
+    selection diagnostics, with the model in eval mode. With ``skip_errors`` a batch whose
+    patches cannot be read is left out and counted as skipped (one process only).
 
     The selection order of batch k is seeded by (``seed``, k), so a batch gives the same
     result whichever process evaluates it: with a loader from ``make_eval_loader`` each
@@ -454,7 +479,14 @@ def evaluate(
             if not len(batch["index"]):
                 continue
             generator = torch.Generator().manual_seed(seed * 1_000_033 + k)
-            out, loss, targets = _forward(core, batch, device, generator, amp)
+            try:
+                out, loss, targets = _forward(core, batch, device, generator, amp)
+            except READ_ERRORS as err:
+                if not skip_errors or sharded:
+                    raise
+                log.warning("skipped %d images: %s", len(batch["index"]), one_line(err))
+                skipped += len(batch["index"])
+                continue
             diagnostics = selection_diagnostics(
                 loader.dataset, batch["index"], out.selected, out.mask, out.attention
             )
@@ -744,6 +776,7 @@ def fit(
                     logger.step(step, stats) if step % cfg.log_every == 0 else None
                 ),
                 augment=augment,
+                skip_errors=config.data.on_error == "skip",
             )
             row: dict[str, Any] = {"epoch": epoch + 1, "step": scheduler.last_epoch}
             row["lr"] = optimizer.param_groups[0]["lr"]
@@ -758,6 +791,7 @@ def fit(
                     device=device,
                     amp=cfg.amp,
                     seed=cfg.seed,
+                    skip_errors=config.data.on_error == "skip",
                 )
                 row.update({f"val_{k}": v for k, v in val.items()})
                 row[MAIN_METRIC] = main_metric(val, model.tasks)
@@ -888,4 +922,5 @@ def evaluate_checkpoint(
         amp=config.train.amp,
         seed=config.train.seed,
         progress=bar,
+        skip_errors=config.data.on_error == "skip",
     )

@@ -11,6 +11,23 @@ import numpy as np
 from .base import CannotReadError, PatchSource, TissueSpec, cannot_read, check_path, require
 from .grid_cache import GridCache
 
+SHARED_CACHE_MB = 64  # decoded tiles held for all OpenSlideSources of a process together
+_SHARED: dict[int, Any] = {}  # process id -> the OpenSlideCache of that process
+
+
+def shared_cache(openslide: Any) -> Any:
+    """This process's OpenSlide tile cache for every slide without a cache of its own (by
+    default OpenSlide gives each open slide its own 32 MiB): memory stays the same however
+    many slides are open. None where the library cannot share caches (OpenSlide < 4)."""
+    pid = os.getpid()
+    if pid not in _SHARED:
+        _SHARED.clear()  # a forked child: the parent's cache is not its own
+        try:
+            _SHARED[pid] = openslide.OpenSlideCache(SHARED_CACHE_MB * 2**20)
+        except Exception:  # OpenSlideVersionError and the like
+            _SHARED[pid] = None
+    return _SHARED[pid]
+
 
 def composite(rgba: np.ndarray, background: int) -> np.ndarray:
     """Straight-alpha RGBA (h, w, 4) -> RGB (h, w, 3) over a grey `background`."""
@@ -42,7 +59,8 @@ class OpenSlideSource(PatchSource):
         grid_cache: where the kept ids of the tissue filter are looked up and stored.
         name: used in error messages; default the file name.
         background: grey value transparent pixels are composited onto.
-        cache_mb: size of OpenSlide's tile cache (per process); None keeps OpenSlide's default.
+        cache_mb: size of a tile cache of its own (per process); default None: the
+            process's shared cache (`SHARED_CACHE_MB` for all slides together).
     """
 
     _transient = ("_slide",)
@@ -103,6 +121,8 @@ class OpenSlideSource(PatchSource):
         slide = openslide.OpenSlide(str(self.path))
         if self._cache_mb is not None:
             slide.set_cache(openslide.OpenSlideCache(int(self._cache_mb * 2**20)))
+        elif (cache := shared_cache(openslide)) is not None:
+            slide.set_cache(cache)
         self._slide = slide
 
     def _release(self) -> None:

@@ -30,29 +30,52 @@ _PHOTOMETRIC_YCBCR = 6
 _ASSOCIATED_ALPHA, _UNASSOCIATED_ALPHA = 1, 2
 
 
+SHARED_CACHE_MB = 64  # decoded tiles held for all TiffSources of a process together
+
+
 class _TileCache:
-    """Decoded segments by key, least recently used dropped first, bounded in bytes."""
+    """Decoded segments by key, least recently used dropped first, bounded in bytes; safe to
+    use from several threads."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.nbytes = 0
         self._items: OrderedDict[Any, np.ndarray | None] = OrderedDict()
+        self._lock = threading.Lock()
 
     def get(self, key: Any) -> tuple[bool, np.ndarray | None]:
-        if key in self._items:
-            self._items.move_to_end(key)
-            return True, self._items[key]
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return True, self._items[key]
         return False, None
 
     def put(self, key: Any, value: np.ndarray | None) -> None:
         size = 0 if value is None else value.nbytes
         if size > self.max_bytes:
             return
-        self._items[key] = value
-        self.nbytes += size
-        while self.nbytes > self.max_bytes:
-            _, old = self._items.popitem(last=False)
-            self.nbytes -= 0 if old is None else old.nbytes
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = value
+            self.nbytes += size
+            while self.nbytes > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self.nbytes -= 0 if old is None else old.nbytes
+
+
+_SHARED: dict[int, _TileCache] = {}  # process id -> the cache of that process
+
+
+def shared_tile_cache() -> _TileCache:
+    """This process's tile cache for every TiffSource without a cache of its own: its memory
+    stays the same however many sources are open (a batch of slides) and however large
+    they are."""
+    pid = os.getpid()
+    if pid not in _SHARED:
+        _SHARED.clear()  # a forked child: the parent's tiles are not its own
+        _SHARED[pid] = _TileCache(SHARED_CACHE_MB * 2**20)
+    return _SHARED[pid]
 
 
 class _Level:
@@ -211,7 +234,8 @@ class TiffSource(PatchSource):
         name: used in error messages; default the file name.
         background: value of pixels outside the image.
         series: which tifffile image series to read.
-        cache_mb: size of the decoded-tile cache (per process), default 64.
+        cache_mb: size of a decoded-tile cache of its own (per process); default None: the
+            process's shared cache (`SHARED_CACHE_MB` for all TiffSources together).
     """
 
     _transient = ("_file", "_levels", "_cache")
@@ -239,8 +263,9 @@ class TiffSource(PatchSource):
         self.name = name or self.path.name
         self.background = int(background)
         self._series = int(series)
-        self._cache_bytes = int((64 if cache_mb is None else cache_mb) * 2**20)
+        self._cache_bytes = None if cache_mb is None else int(cache_mb * 2**20)
         self._file = self._levels = self._cache = None
+        self._key: tuple = ()
         self._file_mpp: float | None = None
         self._lock = threading.RLock()
         self._opened_pid = None
@@ -305,7 +330,13 @@ class TiffSource(PatchSource):
                 )
         self._file = open(self.path, "rb")  # noqa: SIM115 (closed in _release)
         self._levels = levels
-        self._cache = _TileCache(self._cache_bytes)
+        if self._cache_bytes is None:
+            self._cache = shared_tile_cache()
+            stat = os.stat(self.path)
+            self._key = (str(self.path.resolve()), stat.st_size, stat.st_mtime_ns, self._series)
+        else:
+            self._cache = _TileCache(self._cache_bytes)
+            self._key = ()
 
     def _release(self) -> None:
         if self._file is not None:
@@ -335,7 +366,7 @@ class TiffSource(PatchSource):
 
     def _segment(self, level: int, ty: int, tx: int) -> np.ndarray | None:
         """Decoded uint8 (h, w, C) segment at tile row `ty`, column `tx`, through the cache."""
-        key = (level, ty, tx)
+        key = (*self._key, level, ty, tx)  # the file's identity where the cache is shared
         hit, value = self._cache.get(key)
         if hit:
             return value
