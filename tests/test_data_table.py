@@ -352,7 +352,7 @@ def test_a_file_without_tissue_fails_from_the_cache_too(tmp_path, monkeypatch):
 def test_an_image_folder_gives_one_task_whose_classes_are_the_folder_names(tmp_path, layout):
     for split in ("train", "test"):
         base = tmp_path / split if layout == "splits" else tmp_path
-        for name in ("zebra", "apple"):
+        for name in ("zebra", "apple", "mango"):
             for i in range(2):
                 write_image(base / name / f"{split}{i}.png", spot=name == "zebra", seed=i)
     config = load_config(
@@ -367,17 +367,20 @@ def test_an_image_folder_gives_one_task_whose_classes_are_the_folder_names(tmp_p
     )
     resolved = resolve_config(config)
     (task,) = resolved.model.tasks
-    assert (task.name, task.classes, task.num_classes) == ("label", ("apple", "zebra"), 2)
-    train = build_dataset(config, "train")
+    classes = ("apple", "mango", "zebra")  # sorted; the default task takes their number
+    assert (task.name, task.classes, task.num_classes) == ("label", classes, 3)
+    train, val = build_dataset(config, "train"), build_validation(config)
     labels = {
-        row.path.parent.name: int(train.targets(i)["label"]) for i, row in enumerate(train.rows)
+        row.path.parent.name: int(part.targets(i)["label"])
+        for part in (train, val)
+        for i, row in enumerate(part.rows)
     }
-    assert labels == {"apple": 0, "zebra": 1}
+    assert labels == {"apple": 0, "mango": 1, "zebra": 2}
     if layout == "splits":
         test = build_dataset(config, "test")
-        assert len(test) == 4 and all(r.path.parent.parent.name == "test" for r in test.rows)
+        assert len(test) == 6 and all(r.path.parent.parent.name == "test" for r in test.rows)
     else:
-        assert len(train) + len(build_validation(config)) == 8
+        assert len(train) + len(val) == 12
 
 
 def test_an_image_folder_refuses_a_second_task(tmp_path):
@@ -406,3 +409,20 @@ def test_loader_workers_hand_over_sources_that_read_the_same_patches(photos):
             ids = np.arange(len(source))
             np.testing.assert_array_equal(source.read(ids), dataset.open(i).read(ids))
         assert batch["targets"]["grade"].dtype == torch.long
+
+
+def test_tables_as_spreadsheets_and_pandas_write_them_are_read(tmp_path):
+    write_image(tmp_path / "a.png", spot=False)
+    text = "\ufeffPath ,grade,Split\r\na.png, 1 ,TEST\r\na.png,NaN,train\r\na.png,2.0,\r\n"
+    (tmp_path / "t.csv").write_text(text, encoding="utf-8")
+    rows = read_table(tmp_path / "t.csv", ["grade"])
+    assert [r.split for r in rows] == ["test", "train", "train"]
+    assert [r.labels["grade"] for r in rows] == ["1", "", "2.0"]  # NaN is unknown
+
+
+def test_a_repeated_column_and_a_folder_in_place_of_a_table_are_named(tmp_path):
+    table = write_table(tmp_path / "t.csv", ["path", "grade", "grade"], [["a.png", 1, 2]])
+    with pytest.raises(ValueError, match=r"t\.csv: the header names grade more than once"):
+        read_table(table, ["grade"])
+    with pytest.raises(ValueError, match="a folder; a table is a .csv or .tsv file"):
+        read_table(tmp_path, ["grade"])

@@ -186,6 +186,9 @@ def test_tiff_reads_decode_only_the_tiles_the_patches_touch(big_slide, monkeypat
 
 
 def test_tile_cache_decodes_each_tile_once(pyramid, monkeypatch):
+    from ips.sources import tiff
+
+    monkeypatch.setattr(tiff, "_SHARED", {})  # this process's shared cache, empty
     decoded = []
     original = TiffSource._decode_segment
     monkeypatch.setattr(
@@ -196,6 +199,25 @@ def test_tile_cache_decodes_each_tile_once(pyramid, monkeypatch):
     assert sorted(decoded) == list(range((1024 // 128) * (768 // 128)))
     np.testing.assert_array_equal(source.read(range(len(source))), first)
     assert len(decoded) == 48
+    other = TiffSource(pyramid.path, patch_size=64)  # the same file: its tiles are cached
+    np.testing.assert_array_equal(other.read(range(len(other))), first)
+    assert len(decoded) == 48
+    private = TiffSource(pyramid.path, patch_size=64, cache_mb=1)  # a cache of its own
+    private.read(range(len(private)))
+    assert len(decoded) == 96
+
+
+def test_one_tile_cache_bounds_the_memory_of_all_open_slides(pyramid, monkeypatch):
+    from ips.sources import tiff
+
+    monkeypatch.setattr(tiff, "_SHARED", {})
+    monkeypatch.setattr(tiff, "SHARED_CACHE_MB", 0.5)  # ~5 decoded 128 x 128 RGB tiles
+    sources = [TiffSource(pyramid.path, patch_size=64) for _ in range(4)]
+    for source in sources:
+        source.read(range(len(source)))
+    cache = tiff.shared_tile_cache()
+    assert all(s._cache is cache for s in sources)
+    assert 0 < cache.nbytes <= 0.5 * 2**20
 
 
 def test_open_tiff_source_keeps_no_tifffile_pages(pyramid):

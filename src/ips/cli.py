@@ -120,11 +120,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser(
-        "predict", help="predict images, slides or feature bags; write tables, heatmaps, GeoJSON"
+        "predict",
+        help="predict images, slides, tables of them or feature bags; write tables, heatmaps, "
+        "GeoJSON",
     )
     p.add_argument("--checkpoint", required=True)
     p.add_argument(
-        "inputs", nargs="+", metavar="INPUT", help="image/slide/feature-bag files or folders"
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="image/slide/feature-bag files, folders, or .csv/.tsv tables (path column; task "
+        "columns give metrics.json)",
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device", default="auto")
@@ -559,6 +565,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         summary["inputs"],
         summary["predictions_csv"],
     )
+    if summary["metrics_json"]:
+        log.info("metrics against the table's labels: %s", summary["metrics_json"])
     return 1 if summary["failed"] else 0
 
 
@@ -870,6 +878,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as err:
         if args.debug:
             raise
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"ips: error: {message}", file=sys.stderr)
+        from ips.errors import one_line
+
+        print(f"ips: error: {one_line(err)}", file=sys.stderr)
         return 2

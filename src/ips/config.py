@@ -43,8 +43,8 @@ class TaskSpec:
 
     name: str  # key of the task in targets and logits
     kind: str = "multiclass"  # "multiclass" (softmax CE), "binary" or "multilabel" (sigmoid BCE)
-    num_classes: int | None = 2  # classes (multiclass) or labels (multilabel); 1 for binary;
-    # None: taken from the data (a table's or an image folder's classes)
+    num_classes: int | None = None  # classes (multiclass) or labels (multilabel); 1 for
+    # binary; None: taken from the data (a table's or an image folder's classes)
     classes: tuple[str, ...] | None = None  # class (or label) names in index order; binary:
     # (negative, positive)
 
@@ -97,6 +97,9 @@ class TaskSpec:
         return self.classes[index] if self.classes is not None else str(index)
 
 
+DEFAULT_TASKS = (TaskSpec("label", "multiclass", 2),)  # model.tasks when a config names none
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture: patch encoder, cross-attention pooling, heads."""
@@ -119,7 +122,8 @@ class ModelConfig:
     channels_last: bool = True  # channels-last memory format for convolutional encoders
     freeze_encoder: bool = False  # train only the encoder's projection, pooling and heads; the
     # trunk stays as loaded (eval mode, no gradients), selection still runs on pixels
-    tasks: tuple[TaskSpec, ...] = (TaskSpec("label", "multiclass", 2),)  # one head per task
+    tasks: tuple[TaskSpec, ...] = DEFAULT_TASKS  # one head per task (an image folder gives
+    # the default task its class folders)
 
     def __post_init__(self) -> None:
         _positive(self, "model", "in_channels", "patch_size", "embed_dim", "num_heads")

@@ -434,7 +434,7 @@ def predict(
     if out is not None:
         _write_tables(results, model.tasks, out)
         labelled = [(item, pred) for item, pred in zip(items, results, strict=True) if item.row]
-        if labelled:
+        if any(any(item.row.labels.values()) for item, _ in labelled):  # a task column
             _write_metrics(labelled, model.tasks, out / "metrics.json")
     return results
 
@@ -889,7 +889,8 @@ def run_predict(
 
     Returns:
         {"out_dir", "predictions_csv", "predictions_jsonl", "inputs", "succeeded",
-        "failed": [{"name", "path", "error"}], "seconds"}.
+        "failed": [{"name", "path", "error"}], "metrics_json" (None unless a table gave
+        labels), "seconds"}.
     """
     started = time.perf_counter()
     checkpoint = Path(checkpoint)
@@ -905,6 +906,7 @@ def run_predict(
         "inputs": len(results),
         "succeeded": len(results) - len(failed),
         "failed": failed,
+        "metrics_json": str(out / "metrics.json") if (out / "metrics.json").is_file() else None,
         "seconds": round(time.perf_counter() - started, 2),
     }
     log.info(

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from ips.config import Config
+from ips.config import DEFAULT_TASKS, Config
 
 DatasetBuilder = Callable[[Config, str, "np.ndarray | None"], "Dataset | None"]
 Resolver = Callable[[Config], Config]
@@ -306,6 +306,8 @@ def _resolved_images(config: Config):
     _options(config, ())
     rows, source = _rows(config)
     tasks = config.model.tasks
+    if config.data.dataset == "image_folder" and tasks == DEFAULT_TASKS:  # no task named:
+        tasks = (dataclasses.replace(tasks[0], num_classes=None),)  # the folders decide
     if config.data.dataset == "image_folder" and tasks[0].classes is None:
         classes = tuple(sorted({row.labels[tasks[0].name] for row in rows}))
         if tasks[0].num_classes not in (None, len(classes)):

@@ -12,8 +12,8 @@ A table (``.csv``, or ``.tsv`` with tabs) names one image or slide per row::
 * one column per task of ``model.tasks``, by name: multiclass as integers or class names
   (names map to indices in sorted order, or in the order of ``model.tasks.<name>.classes``),
   binary as 0 / 1 / true / false (or the two names of its ``classes``), multilabel as
-  ``;``-separated labels (names or integers; ``-`` for none). An empty cell is unknown: the
-  row adds no loss and no metric for that task;
+  ``;``-separated labels (names or integers; ``-`` for none). An empty cell (or pandas' NaN,
+  NA, N/A, null) is unknown: the row adds no loss and no metric for that task;
 * optional ``split``: ``train``, ``val`` or ``test`` (empty: train);
 * optional ``mask``: a tissue mask (image, non-zero = tissue, or GeoJSON polygons in level-0
   pixels, e.g. a QuPath export) for that row's image.
@@ -68,6 +68,7 @@ SPLIT_NAMES = {
 }
 RESERVED = ("path", "split", "mask")  # columns that are not tasks
 NO_LABELS = "-"  # a multilabel cell: none of the labels is present
+MISSING = ("", "nan", "na", "n/a", "null")  # a label cell that is unknown (pandas' NA markers)
 TRUE, FALSE = ("1", "true", "yes"), ("0", "false", "no")
 
 
@@ -101,6 +102,11 @@ def read_table(
             empty path, an unknown split.
     """
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(
+            f"{path}: a folder; a table is a .csv or .tsv file (class folders: "
+            "data.dataset: image_folder)"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such table")
     if path.suffix.lower() not in TABLE_SUFFIXES:
@@ -115,7 +121,15 @@ def read_table(
         raise ValueError(
             f"{path}: cannot read as a {delimiter!r}-separated table ({err})"
         ) from None
-    if "path" not in header:
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{path}: the header names {', '.join(repeated)} more than once")
+    columns = {name: name for name in header}
+    for name in RESERVED:  # "Path", "SPLIT", ...: the reserved columns in any case
+        for column in header:
+            if column.lower() == name and name not in columns:
+                columns[name] = column
+    if "path" not in columns:
         raise ValueError(
             f"{path}: a table needs a 'path' column (the image or slide of each row); "
             f"the header has {', '.join(header) or 'nothing'}"
@@ -129,7 +143,8 @@ def read_table(
     folder = path.parent
     rows = []
     for line, record in records:
-        cells = {(k or "").strip(): (v or "").strip() for k, v in record.items() if k}
+        stripped = {(k or "").strip(): (v or "").strip() for k, v in record.items() if k}
+        cells = {name: stripped.get(column, "") for name, column in columns.items()}
         where = f"{path}:{line}"
         if not any(cells.values()):
             continue  # a blank line
@@ -144,7 +159,7 @@ def read_table(
         rows.append(
             Row(
                 path=_relative_to(folder, cells["path"]),
-                labels={name: cells.get(name, "") for name in task_names},
+                labels={name: _label_cell(cells.get(name, "")) for name in task_names},
                 split=SPLIT_NAMES[split],
                 mask=None if mask is None else _relative_to(folder, mask),
                 where=where,
@@ -153,6 +168,11 @@ def read_table(
     if not rows:
         raise ValueError(f"{path}: the table has no rows")
     return rows
+
+
+def _label_cell(cell: str) -> str:
+    """The cell, or "" where it marks a missing value as pandas writes or reads them."""
+    return "" if cell.lower() in MISSING else cell
 
 
 def _relative_to(folder: Path, cell: str) -> Path:
@@ -328,7 +348,11 @@ def _binary(cell: str, task: TaskSpec, where: str) -> int:
         return 0
     if task.classes is not None and cell in task.classes:
         return task.classes.index(cell)
-    names = f", or {' / '.join(task.classes)}" if task.classes else ""
+    names = (
+        f", or {' / '.join(task.classes)}"
+        if task.classes
+        else f" (or name the two classes, negative first, in model.tasks.{task.name}.classes)"
+    )
     raise ValueError(
         f"{where}: task {task.name}: {cell!r} is not a binary label; expected 0, 1, true or "
         f"false{names}"
