@@ -321,3 +321,55 @@ def test_eval_of_a_table_without_a_test_split_says_so(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(run / "best.pt"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "t.csv: there is no test split" in err[0]
+
+
+def test_class_folders_train_resume_evaluate_and_predict_through_the_cli(tmp_path, capsys):
+    import csv
+
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for split in ("train", "test"):
+        for name in ("clear", "spotted", "striped"):
+            for i in range(3):
+                image = rng.integers(0, 100, (48, 48, 3), dtype=np.uint8)
+                if name == "spotted":
+                    image[8:24, 8:24] = 250
+                elif name == "striped":
+                    image[:, ::4] = 250
+                folder = tmp_path / "images" / split / name
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(image).save(folder / f"{i}.jpg")
+    run = tmp_path / "run"
+    config = tmp_path / "folders.yaml"  # no task named: the one task takes the class folders
+    config.write_text(
+        "model: {encoder: small_cnn, in_channels: 3, patch_size: 16, embed_dim: 16,\n"
+        "        num_heads: 2, head_dim: 8, mlp_dim: 32}\n"
+        "selection: {memory_size: 4, chunk_size: 4}\n"
+        f"data: {{dataset: image_folder, path: '{tmp_path / 'images'}', val_fraction: 0.2}}\n"
+        "train: {batch_size: 4, epochs: 1}\n"
+    )
+    train = ["train", "--config", str(config), "--out", str(run), "--no-progress", "-q"]
+    assert main(train) == 0
+    assert main([*train, "--resume", "--set", "train.epochs=2"]) == 0
+    stored = ips.load_checkpoint(run / "last.pt")
+    assert stored["epoch"] == 2
+    assert stored["config"]["model"]["tasks"] == {
+        "label": {
+            "kind": "multiclass",
+            "num_classes": 3,
+            "classes": ["clear", "spotted", "striped"],
+        }
+    }
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run / "best.pt"), "--json", "--no-progress"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "accuracy" in printed["test"]["label"]
+    new = tmp_path / "images" / "test" / "spotted"
+    out = tmp_path / "preds"
+    predict = ["predict", "--checkpoint", str(run / "best.pt"), str(new), "--out", str(out)]
+    assert main([*predict, "--no-pictures", "--no-progress", "-q"]) == 0
+    with (out / "predictions.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 3 and {r["label"] for r in rows} <= {"clear", "spotted", "striped"}
+    assert not (out / "metrics.json").exists()  # a folder has no labels to score against

@@ -252,3 +252,29 @@ def test_augmented_training_runs_and_refuses_colour_jitter_on_grey_images(tmp_pa
     grey = _config(tiny_mnist, "train.epochs=1", "data.augment.hue=0.1")
     with pytest.raises(ValueError, match="data.augment.hue needs RGB patches"):
         fit(grey, tmp_path / "hue", progress=False)
+
+
+def test_augmented_deterministic_runs_agree_and_pretrained_weights_set_the_normalisation(
+    tmp_path, tiny_mnist
+):
+    import torchvision
+
+    from ips.config import load_config as load
+
+    weights = tmp_path / "resnet18.pt"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    sets = [
+        "train.epochs=1",
+        "train.deterministic=true",
+        "data.augment.flips=true",
+        "data.augment.brightness=0.2",
+        "model.encoder=resnet18_2blocks",
+        f"model.pretrained={weights}",
+    ]
+    for name in ("a", "b"):
+        fit(_config(tiny_mnist, *sets), tmp_path / name, progress=False)
+    first, second = (load_checkpoint(tmp_path / n / "last.pt")["model"] for n in "ab")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    stored = load(tmp_path / "a" / "config.yaml")
+    assert stored.model.normalize_mean == pytest.approx((0.449,))  # ImageNet's, averaged
+    assert stored.model.normalize_std == pytest.approx((0.226,))

@@ -2,8 +2,10 @@
 
 from ips.aggregation import CrossAttentionPool, sinusoidal_1d, sinusoidal_2d
 from ips.config import (
+    AugmentConfig,
     Config,
     DataConfig,
+    GridConfig,
     ModelConfig,
     SelectionConfig,
     TaskSpec,
@@ -28,9 +30,11 @@ from ips.selection import Selection, eval_mode, gather_patches, select_patches
 __version__ = "0.1.0"
 
 __all__ = [
+    "AugmentConfig",
     "Config",
     "CrossAttentionPool",
     "DataConfig",
+    "GridConfig",
     "IPSModel",
     "IPSOutput",
     "ModelConfig",

@@ -595,16 +595,21 @@ def make_train_loader(
 
 
 def _balance_weights(dataset: Dataset, task: str | None) -> list[float] | None:
-    """Inverse class frequencies of ``task`` (``data.balance``) per image, or None."""
+    """Inverse class frequencies of ``task`` (``data.balance``) per image, or None. The labels
+    come from the dataset's ``targets(i)``, which reads no image."""
     if task is None:
         return None
-    class_ids = getattr(dataset, "class_ids", None)
-    if class_ids is None:
+    targets = getattr(dataset, "targets", None)
+    if not callable(targets):
         raise ValueError(
             f"data.balance: the {type(dataset).__name__} dataset does not give its labels "
             "without reading every image; leave data.balance out"
         )
-    return balanced_weights(class_ids(task).tolist())
+    classes = []
+    for i in range(len(dataset)):
+        value = float(targets(i)[task])  # -1 (multiclass) or NaN (binary) where unknown
+        classes.append(-1 if math.isnan(value) or value < 0 else int(value))
+    return balanced_weights(classes)
 
 
 def make_eval_loader(

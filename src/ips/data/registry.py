@@ -308,14 +308,6 @@ def _resolved_images(config: Config):
     tasks = config.model.tasks
     if config.data.dataset == "image_folder" and tasks == DEFAULT_TASKS:  # no task named:
         tasks = (dataclasses.replace(tasks[0], num_classes=None),)  # the folders decide
-    if config.data.dataset == "image_folder" and tasks[0].classes is None:
-        classes = tuple(sorted({row.labels[tasks[0].name] for row in rows}))
-        if tasks[0].num_classes not in (None, len(classes)):
-            raise ValueError(
-                f"model.tasks.{tasks[0].name}.num_classes is {tasks[0].num_classes}, "
-                f"{source} has {len(classes)} class folders ({', '.join(classes)})"
-            )
-        tasks = (dataclasses.replace(tasks[0], num_classes=len(classes), classes=classes),)
     model = dataclasses.replace(config.model, tasks=resolve_tasks(rows, tasks, source))
     return dataclasses.replace(config, model=model), rows, source
 

@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -443,7 +442,10 @@ class ImageDataset(Dataset):
                 grid_cache=self.grid_cache,
             )
         except Exception as err:
-            raise located(err, row.where) from err
+            renamed = located(err, row.where)
+            if renamed is err:
+                raise
+            raise renamed from err
         if self.channels is not None and source.channels != self.channels:
             source.close()
             raise ValueError(
@@ -458,14 +460,6 @@ class ImageDataset(Dataset):
     def targets(self, i: int) -> dict[str, torch.Tensor]:
         """The targets of image i (see the class docstring)."""
         return {name: value.clone() for name, value in self._targets[i].items()}
-
-    def class_ids(self, task: str) -> np.ndarray:
-        """(n,) the class of every image for a binary or multiclass task; -1 where unknown."""
-        values = []
-        for target in self._targets:
-            value = float(target[task])
-            values.append(-1 if math.isnan(value) or value < 0 else int(value))
-        return np.asarray(values, dtype=np.int64)
 
     def __repr__(self) -> str:
         return f"ImageDataset(images={len(self)}, tasks={[t.name for t in self.tasks]})"

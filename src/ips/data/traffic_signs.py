@@ -254,8 +254,11 @@ class TrafficSigns(Dataset):
         p, (rows, cols) = self.patch_size, self.grid_shape
         grid = image[:, : rows * p, : cols * p].reshape(3, rows, p, cols, p)
         patches = grid.permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, p, p)  # raster order
-        target = torch.tensor(self.items[i][1], dtype=torch.long)
-        return {"patches": patches.contiguous(), "targets": {TASK: target}, "index": i}
+        return {"patches": patches.contiguous(), "targets": self.targets(i), "index": i}
+
+    def targets(self, i: int) -> dict[str, torch.Tensor]:
+        """The label of image i, without reading it: () long."""
+        return {TASK: torch.tensor(self.items[i][1], dtype=torch.long)}
 
 
 def _digests(sha256: Mapping[str, str] | str | os.PathLike | None) -> dict[str, str]:
