@@ -14,8 +14,8 @@ from ips.cli import main
 from ips.config import GridConfig
 from ips.data.camelyon16 import write_synthetic_camelyon16
 from ips.data.feature_bags import open_feature_bag
+from ips.encoders import TIMM_HINT
 from ips.features import (
-    TIMM_HINT,
     build_extractor,
     extract_features,
     find_slides,
@@ -27,7 +27,7 @@ h5py = pytest.importorskip("h5py")
 pytest.importorskip("tifffile")
 
 TILE = 32
-FAST = dict(encoder="resnet18_2blocks", patch_size=TILE, batch_size=64)
+FAST = dict(encoder="resnet18_2blocks", patch_size=TILE, batch_size=64, amp="none")
 
 
 @pytest.fixture(autouse=True)

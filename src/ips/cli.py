@@ -225,7 +225,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--weights",
-        help="'imagenet' (pretrained, downloaded once) or a state-dict file; default untrained",
+        help="a weights file (.bin, .pth, .safetensors; loaded strictly), or 'hub' / 'imagenet' "
+        "(the published weights, downloaded once; HF_TOKEN for gated ones); default untrained",
     )
     p.add_argument("--patch-size", type=int, default=256, help="tile side in read pixels")
     g = p.add_argument_group("grid", "how slides are cut into tiles")
@@ -240,7 +241,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-tissue", type=float, default=0.01, help="least tissue share of a tile")
     p.add_argument("--batch-size", type=int, default=64, help="tiles per encoder call")
     p.add_argument("--workers", type=int, default=0, help="DataLoader processes reading tiles")
-    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast")
+    p.add_argument(
+        "--amp",
+        default="auto",
+        choices=["auto", "none", "bf16", "fp16"],
+        help="autocast; auto: bf16 where the device has bf16 units (the bags record which)",
+    )
+    p.add_argument(
+        "--coords-from",
+        metavar="DIR",
+        help="take each slide's tiles from its bag in DIR (ours, CLAM's or TRIDENT's .h5 with "
+        "coords) instead of a new grid",
+    )
     p.add_argument("--seed", type=int, default=0, help="initialises an untrained encoder")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
@@ -676,6 +688,7 @@ def cmd_extract_features(args: argparse.Namespace) -> int:
         patch_size=args.patch_size,
         grid=grid,
         amp=args.amp,
+        coords_from=args.coords_from,
         seed=args.seed,
         batch_size=args.batch_size,
         num_workers=args.workers,

@@ -31,6 +31,7 @@ library's pretrained weights, downloaded once), or a local state-dict file.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -48,26 +49,24 @@ from torch.utils.data import DataLoader, Dataset
 
 from ips.config import GridConfig
 from ips.data.camelyon16 import is_camelyon16, slide_files
-from ips.data.feature_bags import import_h5py
+from ips.data.feature_bags import import_h5py, tile_size_level0
 from ips.encoders import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    FeatureProjector,
-    ResNetTrunk,
-    SmallConvNet,
+    TIMM_PREFIX,
     create_encoder,
     list_encoders,
+    weights_normalization,
 )
-from ips.files import atomic_write
+from ips.files import atomic_write, sha256_of
 from ips.sources import PatchSource, open_source
 from ips.sources.base import OPENSLIDE_SUFFIXES, PILLOW_SUFFIXES, TIFF_SUFFIXES
-from ips.train import autocast
+from ips.train import autocast, resolve_amp
 
 log = logging.getLogger(__name__)
 
 SLIDE_SUFFIXES = TIFF_SUFFIXES | OPENSLIDE_SUFFIXES | PILLOW_SUFFIXES  # found in folders
-TIMM_PREFIX = "timm:"
-TIMM_HINT = "timm encoders need: pip install 'iterative-patch-selection[timm]'"
+PUBLISHED = ("hub", "imagenet")  # --weights: the encoder's published weights
 AMP = ("none", "bf16", "fp16")
 SUMMARY = "extraction_summary.json"
 
@@ -85,6 +84,8 @@ class ExtractionSettings:
     grid: GridConfig = EXTRACTION_GRID  # stride, resolution, tissue filter ("none" or "otsu")
     amp: str = "none"  # "none", "bf16" or "fp16" (CUDA) autocast for the encoder
     seed: int = 0  # initialises an untrained encoder
+    weights_sha256: str | None = None  # digest of a weights file (None: no file)
+    coords_from: str | None = None  # a folder of bags whose tile coordinates are reused
 
     def __post_init__(self) -> None:
         if int(self.patch_size) != self.patch_size or self.patch_size < 1:
@@ -92,7 +93,7 @@ class ExtractionSettings:
         if self.grid.tissue == "mask":
             raise ValueError("tissue must be 'otsu' or 'none' for extraction, got 'mask'")
         if self.amp not in AMP:
-            raise ValueError(f"amp must be one of {AMP}, got {self.amp!r}")
+            raise ValueError(f"amp must be one of {AMP} (auto resolved), got {self.amp!r}")
 
     def to_json(self) -> str:
         """The settings that change the features, as sorted JSON (the seed only matters for
@@ -117,9 +118,27 @@ class ExtractionSettings:
         for key in ("stride", "downsample"):
             if getattr(grid, key) is not None:
                 values[key] = getattr(grid, key)
+        for key in ("weights_sha256", "coords_from"):
+            if getattr(self, key) is not None:
+                values[key] = getattr(self, key)
         if self.weights is not None:
             values.pop("seed")
         return json.dumps(values, sort_keys=True)
+
+
+def same_settings(found: str | None, wanted: str) -> bool:
+    """Whether a bag's recorded settings are ``wanted``; a bag from before weight digests were
+    recorded matches on the rest."""
+    if found == wanted:
+        return True
+    try:
+        old, new = json.loads(found or "null"), json.loads(wanted)
+    except json.JSONDecodeError:
+        return False
+    if not isinstance(old, dict) or "weights_sha256" in old:
+        return False
+    new.pop("weights_sha256", None)
+    return old == new
 
 
 # ---- slides -----------------------------------------------------------------------------------
@@ -208,6 +227,7 @@ class Extractor(nn.Module):
         self.register_buffer("_mean", torch.tensor(self.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(self.std).view(1, -1, 1, 1), persistent=False)
         self.feature_dim = 0
+        self.embedding = "global average pool"  # how the encoder's output becomes a vector
 
     def forward(self, tiles: Tensor) -> Tensor:
         x = tiles.float().div_(255.0)
@@ -226,60 +246,38 @@ def build_extractor(
     """The encoder of `encoder`'s name with `weights`, in eval mode, F measured on one tile.
 
     Args:
-        encoder: a registered pixel encoder or ``"timm:<model name>"``.
-        weights: None (untrained, initialised from `seed`), "imagenet", or a state-dict file.
+        encoder: a registered pixel encoder (a ResNet trunk, a foundation-model preset such as
+            ``uni``) or ``"timm:<model name>"``.
+        weights: None (untrained, initialised from `seed`), "hub" or "imagenet" (the published
+            weights: torchvision's for the ResNets, the Hugging Face hub for presets and timm
+            models), or a weight file (loaded strictly).
         patch_size: P, for measuring F.
         seed: initialises an untrained encoder.
     """
-    if weights not in (None, "imagenet") and not Path(weights).expanduser().is_file():
+    if weights not in (None, *PUBLISHED) and not Path(weights).expanduser().is_file():
         raise FileNotFoundError(f"weights: {weights}: no such file")
+    pixel = [n for n in list_encoders() if n != "features"]
+    if not encoder.startswith(TIMM_PREFIX) and encoder not in pixel:
+        raise ValueError(
+            f"encoder: {encoder!r} is not a pixel encoder; expected one of {pixel} "
+            f"or '{TIMM_PREFIX}<model name>'"
+        )
     torch.manual_seed(seed)
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
-    if encoder.startswith(TIMM_PREFIX):
-        module, mean, std = _timm_encoder(encoder[len(TIMM_PREFIX) :], weights)
-    else:
-        if encoder == "features" or encoder not in list_encoders():
-            pixel = [n for n in list_encoders() if n != "features"]
-            raise ValueError(
-                f"encoder: {encoder!r} is not a pixel encoder; expected one of {pixel} "
-                f"or '{TIMM_PREFIX}<model name>'"
-            )
-        pretrained: bool | str = True if weights == "imagenet" else (weights or False)
-        module = create_encoder(encoder, in_channels=3, embed_dim=512, pretrained=pretrained)
-        if isinstance(module, FeatureProjector):
-            raise ValueError(f"encoder: {encoder!r} reads features, not pixels")
-        if isinstance(module, (ResNetTrunk, SmallConvNet)):  # the trunk's own width
-            module.proj = nn.Identity()
+    pretrained: bool | str = True if weights in PUBLISHED else (weights or False)
+    module = create_encoder(encoder, in_channels=3, embed_dim=512, pretrained=pretrained)
+    if hasattr(module, "proj"):  # the trunk's own width
+        module.proj = nn.Identity()
+    mean, std = weights_normalization(encoder, pretrained=True, in_channels=3) or (
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+    )
     extractor = Extractor(module, mean=mean, std=std).eval()
+    preset = getattr(module, "preset", None)  # a timm model: how its embedding is read out
+    extractor.embedding = preset.embedding if preset is not None else "global average pool"
     with torch.inference_mode():
         probe = extractor(torch.zeros(1, 3, patch_size, patch_size, dtype=torch.uint8))
     extractor.feature_dim = int(probe.shape[1])
     return extractor
-
-
-def _timm_encoder(name: str, weights: str | None) -> tuple[nn.Module, tuple, tuple]:
-    try:
-        import timm
-    except ImportError as err:
-        raise ImportError(TIMM_HINT) from err
-    try:
-        module = timm.create_model(name, pretrained=weights == "imagenet", num_classes=0)
-    except RuntimeError as err:  # unknown model name
-        raise ValueError(f"encoder: timm cannot build {name!r} ({err})") from None
-    if weights not in (None, "imagenet"):
-        state = torch.load(Path(weights).expanduser(), map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        missing, _ = module.load_state_dict(state, strict=False)
-        if missing:
-            raise ValueError(
-                f"weights: {weights} lacks {len(missing)} weights of timm {name!r} "
-                f"(e.g. {missing[0]!r})"
-            )
-    config = getattr(module, "pretrained_cfg", None) or {}
-    mean = tuple(config.get("mean", IMAGENET_MEAN))
-    std = tuple(config.get("std", IMAGENET_STD))
-    return module, mean, std
 
 
 # ---- one slide --------------------------------------------------------------------------------
@@ -333,7 +331,10 @@ def extract_slide(
 
     device = torch.device(device)
     slide = Path(slide)
-    source = open_source(slide, patch_size=settings.patch_size, grid=settings.grid)
+    if settings.coords_from is None:
+        source = open_source(slide, patch_size=settings.patch_size, grid=settings.grid)
+    else:
+        source = _at_bag_tiles(slide, settings)
     if source.channels not in (1, 3):
         raise ValueError(f"{slide}: {source.channels} channels; the encoders read RGB or grey")
     n, width = len(source), extractor.feature_dim
@@ -348,7 +349,8 @@ def extract_slide(
     try:
         with atomic_write(bag, "w+b") as fh, h5py.File(fh, "w") as out:
             features = out.create_dataset("features", shape=(n, width), dtype="float32")
-            out.create_dataset("coords", data=np.asarray(source.coords, dtype=np.int64))
+            coords = out.create_dataset("coords", data=np.asarray(source.coords, dtype=np.int64))
+            coords.attrs.update(_tile_attrs(source))  # where CLAM and TRIDENT look
             start = 0
             with torch.inference_mode(), autocast(device, settings.amp, option="--amp"):
                 for tiles in loader:  # (b, 3, P, P) uint8
@@ -376,6 +378,9 @@ def extract_slide(
                     "tile_mpp": mpp * float(source.downsample),
                     "encoder": settings.encoder,
                     "weights": settings.weights or "none",
+                    "weights_sha256": settings.weights_sha256 or "none",
+                    "embedding": extractor.embedding,
+                    "amp": settings.amp,
                     "feature_dim": int(width),
                     "tissue": settings.grid.tissue,
                     "min_tissue": float(settings.grid.min_tissue),
@@ -393,6 +398,58 @@ def extract_slide(
         if bar is not None:
             bar.close()
     return n
+
+
+def _tile_attrs(source: PatchSource) -> dict[str, Any]:
+    """The tile geometry as other tools record it on ``coords`` (CLAM: patch_size at
+    patch_level; TRIDENT: patch_size_level0 and magnifications)."""
+    attrs: dict[str, Any] = {
+        "patch_size": int(source.patch_size),
+        "patch_level": int(source.level),
+        "downsample": float(source.downsample),
+        "patch_size_level0": int(round(source.patch_size_level0)),
+    }
+    if source.mpp:  # 10 microns per pixel at 1x: 0.25 um/px is "40x"
+        attrs["level0_magnification"] = round(10.0 / source.mpp, 2)
+        attrs["target_magnification"] = round(10.0 / (source.mpp * source.downsample), 2)
+    return attrs
+
+
+def _at_bag_tiles(slide: Path, settings: ExtractionSettings) -> PatchSource:
+    """The slide read at the tiles of its bag in ``settings.coords_from`` (ours, CLAM's or
+    TRIDENT's ``.h5``), at the settings' resolution, which must give the bag's tile side."""
+    h5py = import_h5py()
+    folder = Path(settings.coords_from)
+    bag = next(
+        (
+            folder / f"{slide.stem}{s}"
+            for s in (".h5", ".hdf5")
+            if (folder / f"{slide.stem}{s}").is_file()
+        ),
+        None,
+    )
+    if bag is None:
+        raise FileNotFoundError(f"{slide}: no bag {slide.stem}.h5 in {folder} to take tiles from")
+    try:
+        with h5py.File(bag, "r") as f:
+            if "coords" not in f:
+                raise ValueError(f"{bag}: no 'coords' dataset (N, 2) to take tiles from")
+            coords = np.asarray(f["coords"][()])
+            side = tile_size_level0(f)
+    except OSError as err:
+        raise ValueError(f"{bag}: cannot read as HDF5 ({_one_line(err)})") from None
+    if coords.ndim != 2 or coords.shape[1] != 2 or len(coords) == 0:
+        raise ValueError(f"{bag}: coords must be (N, 2) with N >= 1, got {coords.shape}")
+    grid = dataclasses.replace(settings.grid, tissue="none")  # the bag chose the tiles
+    source = open_source(slide, patch_size=settings.patch_size, grid=grid)
+    if side is not None and abs(side - source.patch_size_level0) > 0.5:
+        raise ValueError(
+            f"{bag}: its tiles are {side:g} level-0 pixels wide, --patch-size "
+            f"{settings.patch_size} at downsample {source.downsample:g} reads "
+            f"{source.patch_size_level0:g}; read at downsample {side / settings.patch_size:g} "
+            "(or the matching level / target mpp) to reuse them"
+        )
+    return source.at_coords(coords)
 
 
 def bag_settings(path: str | os.PathLike) -> str | None:
@@ -428,8 +485,9 @@ def extract_features(
     weights: str | None = None,
     patch_size: int = 256,
     grid: GridConfig = EXTRACTION_GRID,
-    amp: str = "none",
+    amp: str = "auto",
     seed: int = 0,
+    coords_from: str | os.PathLike | None = None,
     batch_size: int = 64,
     num_workers: int = 0,
     device: torch.device | str = "cpu",
@@ -443,7 +501,12 @@ def extract_features(
         inputs: slide files, folders (a CAMELYON16 folder gives all its slides) and ``.txt``
             lists of slide paths.
         out_dir: the folder of bags (created).
-        encoder, weights, patch_size, grid, amp, seed: see `ExtractionSettings`.
+        encoder, weights, patch_size, grid, seed: see `ExtractionSettings`.
+        amp: "auto" (bf16 where the device has bf16 units, else float32), "none", "bf16",
+            "fp16"; the bags record what it resolved to.
+        coords_from: a folder of bags (ours, or CLAM / TRIDENT ``.h5`` with ``coords``):
+            each slide's tiles are read at that bag's coordinates instead of a new grid, so
+            two encoders' bags share their tiles.
         batch_size: tiles per encoder call.
         num_workers: DataLoader processes reading tiles.
         device: where the encoder runs.
@@ -457,13 +520,20 @@ def extract_features(
         ``skipped`` (bags already there: {slide, path, bag}), ``failed`` ({slide, path,
         error: one line naming the slide}), ``seconds``.
     """
+    published = weights is None or str(weights) in PUBLISHED
+    if not published and not Path(weights).expanduser().is_file():
+        raise FileNotFoundError(f"weights: {weights}: no such file")
+    if coords_from is not None and not Path(coords_from).is_dir():
+        raise FileNotFoundError(f"coords_from: {coords_from}: no such folder of bags")
     settings = ExtractionSettings(
         encoder=encoder,
         weights=None if weights is None else str(weights),
         patch_size=patch_size,
         grid=grid,
-        amp=amp,
+        amp=resolve_amp(torch.device(device), amp),
         seed=seed,
+        weights_sha256=None if published else sha256_of(Path(weights).expanduser()),
+        coords_from=None if coords_from is None else str(Path(coords_from).resolve()),
     )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -487,7 +557,7 @@ def extract_features(
             todo.append((slide, bag))
             continue
         found = bag_settings(bag)
-        if found != wanted:
+        if not same_settings(found, wanted):
             raise ValueError(
                 f"{bag}: extracted with other settings ({found}), not {wanted}; "
                 "write to another folder or delete the old bags"

@@ -198,7 +198,7 @@ class H5FeatureBag(FeatureBag):
                     f"{self.path}: coords must be (N, 2) = ({self._shape[0]}, 2), "
                     f"got {tuple(coords.shape)}"
                 )
-            self._patch_size = _h5_patch_size(handle)
+            self._patch_size = tile_size_level0(handle)
             self.attrs = {key: _plain(value) for key, value in handle.attrs.items()}
         self._handle: Any = None
         self._pid: int | None = None
@@ -302,9 +302,13 @@ def _grid_step(coords: np.ndarray | None) -> float | None:
     return float(gaps.min()) if gaps.size else None
 
 
-def _h5_patch_size(handle: Any) -> float | None:
-    """Level-0 patch side from ``patch_size`` (and ``downsample``) attributes, if present."""
+def tile_size_level0(handle: Any) -> float | None:
+    """Level-0 tile side of an open HDF5 bag from its attributes (on ``coords`` or the file):
+    ``patch_size_level0`` (TRIDENT, ips), else ``patch_size`` times ``downsample`` (ips,
+    CLAM); None when it records neither."""
     for attrs in (handle["coords"].attrs, handle.attrs):
+        if "patch_size_level0" in attrs:
+            return float(np.asarray(attrs["patch_size_level0"]).reshape(-1)[0])
         if "patch_size" in attrs:
             size = float(np.asarray(attrs["patch_size"]).reshape(-1)[0])
             if "downsample" in attrs:

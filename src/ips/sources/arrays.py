@@ -159,7 +159,7 @@ class ArraySource(PatchSource):
         """Read patches. Args: ids: (n,) ints in [0, N). Returns: uint8 (n, C, P, P), in order."""
         ids = self._check_ids(ids)
         p = self.patch_size
-        origins = self._rc[ids] * self.stride  # (n, 2) (y, x)
+        origins = self._origins_of(ids)  # (n, 2) (y, x)
         offsets = np.arange(p, dtype=np.int64)
         ys = origins[:, :1] + offsets  # (n, P)
         xs = origins[:, 1:] + offsets  # (n, P)

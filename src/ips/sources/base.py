@@ -17,6 +17,7 @@ so one source object works in every `DataLoader` worker.
 from __future__ import annotations
 
 import abc
+import copy
 import hashlib
 import importlib
 import logging
@@ -252,6 +253,7 @@ class PatchSource(abc.ABC):
         self._grid_shape = (rows, cols)
         row, col = np.divmod(np.arange(rows * cols, dtype=np.int64), cols)
         self._rc = np.stack([row, col], axis=1)  # (N, 2) grid (row, col)
+        self._origins: np.ndarray | None = None  # (N, 2) (y, x) read pixels; None: rc * S
         self.coords = self._level0_xy(self._rc)
         if tissue is not None:
             key = self._grid_key(tissue, min_tissue) if grid_cache is not None else None
@@ -372,12 +374,43 @@ class PatchSource(abc.ABC):
         out = np.empty((len(ids), self.channels, p, p), dtype=np.uint8)
         if len(ids) == 0:
             return out
-        origins = self._rc[ids] * self.stride  # (n, 2) (y, x) at the read resolution
+        origins = self._origins_of(ids)  # (n, 2) (y, x) at the read resolution
         with self._lock:
             self._ensure_open()
             for i, (y, x) in enumerate(origins):
                 out[i] = self._read_scaled(int(x), int(y), p, p).transpose(2, 0, 1)
         return out
+
+    def _origins_of(self, ids: np.ndarray) -> np.ndarray:
+        """(n, 2) (y, x) of patches' top-left corners at the read resolution."""
+        if self._origins is not None:
+            return self._origins[ids]
+        return self._rc[ids] * self.stride
+
+    def at_coords(self, coords: np.ndarray) -> PatchSource:
+        """This image's patches at other places: a source whose patch i has its top-left
+        corner at level-0 ``coords[i]`` (x, y), e.g. the tiles another tool cut.
+
+        Args:
+            coords: (n, 2) level-0 (x, y); patches may overlap, lie off the grid, or reach
+                past the border (read as `background` there).
+
+        Returns:
+            A new source of n patches at the same resolution; `positions` are the grid cells
+            (row, col) the corners fall in at this stride.
+        """
+        coords = np.asarray(coords)
+        if coords.ndim != 2 or coords.shape[1] != 2 or len(coords) == 0:
+            raise ValueError(f"{self.name}: coords must be (n, 2) with n >= 1, got {coords.shape}")
+        if coords.dtype.kind not in "iuf" or not np.isfinite(coords).all():
+            raise ValueError(f"{self.name}: coords must be finite numbers, got {coords.dtype}")
+        other = copy.copy(self)
+        other.__setstate__(self.__getstate__())  # own handles and lock
+        origins = np.rint(coords[:, ::-1].astype(np.float64) / self.downsample).astype(np.int64)
+        other._origins = origins
+        other._rc = origins // self.stride
+        other.coords = np.rint(coords).astype(np.int64)
+        return other
 
     def __getitem__(self, ids: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
         """Same as `read`; an int id returns one (C, P, P) patch."""
