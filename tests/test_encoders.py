@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
-from ips.encoders import create_encoder, list_encoders, register_encoder
+from ips.encoders import PRESETS, create_encoder, list_encoders, register_encoder
+
+BUILT_HERE = [n for n in list_encoders() if n not in PRESETS]  # presets: small versions below
 
 
 def _input(name: str, channels: int) -> torch.Tensor:
@@ -12,14 +16,14 @@ def _input(name: str, channels: int) -> torch.Tensor:
     return torch.rand(4, channels, 32, 32)
 
 
-@pytest.mark.parametrize("name", list_encoders())
+@pytest.mark.parametrize("name", BUILT_HERE)
 @pytest.mark.parametrize("channels", [1, 3])
 def test_every_encoder_maps_patches_to_embed_dim(name, channels):
     encoder = create_encoder(name, in_channels=channels, embed_dim=24, feature_dim=10)
     assert encoder(_input(name, channels)).shape == (4, 24)
 
 
-@pytest.mark.parametrize("name", list_encoders())
+@pytest.mark.parametrize("name", BUILT_HERE)
 def test_gradients_reach_every_encoder_parameter(name):
     encoder = create_encoder(name, in_channels=3, embed_dim=24, feature_dim=10)
     encoder(_input(name, 3)).square().sum().backward()
@@ -116,3 +120,181 @@ def test_pretrained_trunks_carry_the_normalisation_their_weights_expect():
         ).normalize_mean
         is None
     )
+
+
+# ---- timm backbones and pathology foundation models --------------------------------------------
+
+TINY_VIT = dict(depth=1, embed_dim=32, num_heads=2)  # each preset's architecture, made small
+
+
+def _tiny(name: str, **extra):
+    from ips.encoders import build_timm
+
+    torch.manual_seed(0)
+    swiglu = dict(PRESETS[name].kwargs).get("mlp_layer") or "dinov2" in PRESETS[name].arch
+    small = {**TINY_VIT, **({"mlp_ratio": 4.0} if swiglu else {})}  # an even SwiGLU width
+    return build_timm(PRESETS[name], name=name, **small, **extra).eval()
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_builds_at_full_size_with_the_registered_width(name):
+    from ips.encoders import build_timm
+
+    with torch.device("meta"):  # no memory: shapes only
+        encoder = build_timm(PRESETS[name], name=name)
+    assert encoder.width == PRESETS[name].width and isinstance(encoder.proj, torch.nn.Identity)
+    keys = encoder.trunk.state_dict()
+    if ("init_values", 1e-5) in PRESETS[name].kwargs:  # LayerScale: the weights a lax load drops
+        assert "blocks.0.ls1.gamma" in keys
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_gradients_reach_every_parameter_of_a_small_preset(name):
+    encoder = _tiny(name)
+    encoder.train()
+    encoder(torch.rand(2, 3, 224, 224)).square().sum().backward()
+    missing = [k for k, p in encoder.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not missing
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_a_saved_state_dict_loads_strictly_and_gives_identical_embeddings(name, tmp_path):
+    encoder = _tiny(name)
+    path = tmp_path / "weights.pth"
+    torch.save(encoder.trunk.state_dict(), path)
+    torch.manual_seed(1)  # other random weights, then the file's
+    loaded = _tiny(name, pretrained=str(path))
+    x = torch.rand(2, 3, 224, 224)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), encoder(x))
+    state = encoder.trunk.state_dict()
+    at = "trunk." if name == "conch_v1_5" else ""  # CONCH's file holds its tower: trunk.*
+    broken = {
+        "extra": {**state, f"{at}blocks.0.ls3.gamma": torch.ones(32)},
+        "missing": {k: v for k, v in state.items() if k != f"{at}norm.weight"},
+        "shape": {**state, f"{at}norm.weight": torch.ones(33)},
+    }
+    named = {
+        "extra": f"{at}blocks.0.ls3.gamma is unexpected",
+        "missing": f"{at}norm.weight is missing",
+        "shape": f"{at}norm.weight has shape (33,)",
+    }
+    for kind, bad in broken.items():
+        torch.save(bad, tmp_path / f"{kind}.pth")
+        with pytest.raises(
+            ValueError, match=re.escape(f"{kind}.pth does not fit {name}: {named[kind]}")
+        ):
+            _tiny(name, pretrained=str(tmp_path / f"{kind}.pth"))
+
+
+def test_another_models_weights_are_refused_with_the_key_named(tmp_path):
+    torch.save(_tiny("uni").trunk.state_dict(), tmp_path / "uni.pth")
+    with pytest.raises(ValueError, match=r"uni\.pth does not fit virchow2: reg_token is missing"):
+        _tiny("virchow2", pretrained=str(tmp_path / "uni.pth"))
+
+
+def test_the_virchow_embedding_is_the_class_token_and_the_mean_of_the_patch_tokens():
+    encoder = _tiny("virchow2")
+    x = torch.rand(2, 3, 224, 224)
+    with torch.inference_mode():
+        tokens = encoder.trunk.forward_features(x)  # (2, 1 + 4 registers + 16 x 16, 32)
+        assert tokens.shape == (2, 1 + 4 + 256, 32)
+        by_hand = torch.cat([tokens[:, 0], tokens[:, 5:].mean(1)], dim=1)
+        assert torch.allclose(encoder(x), by_hand) and encoder.width == 64
+
+
+def test_presets_resize_or_crop_patches_to_their_input_as_their_weights_expect():
+    uni, gigapath = _tiny("uni"), _tiny("prov_gigapath")
+    x = torch.rand(1, 3, 256, 256)
+    assert uni.prepare(x).shape[-2:] == (224, 224)  # resized
+    crop = gigapath.prepare(x)  # at 256: the centre 224 (Resize 256, CenterCrop 224)
+    assert torch.equal(crop, x[..., 16:240, 16:240])
+    assert gigapath.prepare(torch.rand(1, 3, 512, 512)).shape[-2:] == (224, 224)
+
+
+def test_the_normalisation_applied_is_the_registrys_for_training_and_extraction():
+    from ips.config import ModelConfig
+    from ips.encoders import H_OPTIMUS_MEAN, H_OPTIMUS_STD, with_weights_normalization
+    from ips.features import build_extractor
+
+    model = with_weights_normalization(
+        ModelConfig(encoder="h_optimus_0", in_channels=3, patch_size=224, pretrained="w.bin")
+    )
+    assert (model.normalize_mean, model.normalize_std) == (H_OPTIMUS_MEAN, H_OPTIMUS_STD)
+    extractor = build_extractor("timm:resnet18", patch_size=32)
+    assert extractor.mean == (0.485, 0.456, 0.406)  # timm's own pretrained config
+
+
+def test_the_hub_refusal_names_the_model_and_its_gate(monkeypatch):
+    from ips.encoders import build_timm
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without internet
+    with pytest.raises(FileNotFoundError) as err:
+        build_timm(PRESETS["uni"], name="uni", pretrained=True, **TINY_VIT)
+    message = str(err.value)
+    assert "MahmoodLab/UNI" in message and "HF_TOKEN" in message and "give its path" in message
+
+
+def test_a_frozen_preset_trains_its_projection_in_an_ips_model():
+    import ips
+
+    model = ips.create_model(
+        encoder="timm:vit_small_patch16_224",
+        in_channels=3,
+        patch_size=32,
+        embed_dim=16,
+        num_heads=2,
+        head_dim=8,
+        mlp_dim=32,
+        memory_size=2,
+        chunk_size=2,
+        freeze_encoder=True,
+        tasks={"t": {"kind": "binary"}},
+    )
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(not k.startswith("encoder.trunk.") for k in trainable)
+    assert "encoder.proj.weight" in trainable
+
+
+def _hf_layout(state: dict, blocks: int) -> dict:
+    """A timm ViT state dict written in Hugging Face Dinov2Model's keys (transformers 4)."""
+    out = {
+        "embeddings.cls_token": state["cls_token"],
+        "embeddings.mask_token": torch.zeros_like(state["cls_token"][0]),
+        "embeddings.position_embeddings": state["pos_embed"],
+        "embeddings.patch_embeddings.projection.weight": state["patch_embed.proj.weight"],
+        "embeddings.patch_embeddings.projection.bias": state["patch_embed.proj.bias"],
+        "layernorm.weight": state["norm.weight"],
+        "layernorm.bias": state["norm.bias"],
+    }
+    for i in range(blocks):
+        b, hf = f"blocks.{i}.", f"encoder.layer.{i}."
+        for leaf in ("weight", "bias"):
+            parts = state[b + f"attn.qkv.{leaf}"].chunk(3)
+            for n, t in zip(("query", "key", "value"), parts, strict=True):
+                out[hf + f"attention.attention.{n}.{leaf}"] = t
+            for ours, theirs in (
+                ("norm1", "norm1"),
+                ("norm2", "norm2"),
+                ("attn.proj", "attention.output.dense"),
+                ("mlp.fc1", "mlp.fc1"),
+                ("mlp.fc2", "mlp.fc2"),
+            ):
+                out[hf + f"{theirs}.{leaf}"] = state[b + f"{ours}.{leaf}"]
+        out[hf + "layer_scale1.lambda1"] = state[b + "ls1.gamma"]
+        out[hf + "layer_scale2.lambda1"] = state[b + "ls2.gamma"]
+    return out
+
+
+def test_phikon_weights_in_hugging_face_keys_convert_exactly(tmp_path):
+    encoder = _tiny("phikon_v2")
+    hf = _hf_layout(encoder.trunk.state_dict(), blocks=1)
+    assert "blocks.0.attn.qkv.weight" not in hf and len(hf) > 10
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in hf.items()}, str(tmp_path / "model.safetensors"))
+    torch.manual_seed(2)
+    loaded = _tiny("phikon_v2", pretrained=str(tmp_path / "model.safetensors"))
+    x = torch.rand(2, 3, 224, 224)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), encoder(x))

@@ -21,6 +21,7 @@ from ips.features import (
     find_slides,
     summary_path,
 )
+from ips.files import sha256_of
 from ips.sources import open_source, write_synthetic_slide
 
 h5py = pytest.importorskip("h5py")
@@ -263,3 +264,67 @@ def test_settings_keep_the_json_of_earlier_bags_so_they_are_not_refused():
         "tissue": None,
         "stride": 128,
     }
+
+
+def test_coords_from_other_bags_share_their_tiles_and_check_the_tile_size(tmp_path):
+    (tmp_path / "slides").mkdir()
+    slide = write_synthetic_slide(tmp_path / "slides" / "s1.tif", width=384, height=256, seed=3)
+    first = extract_features(slide.path, tmp_path / "a", **FAST)
+    assert not first["failed"]
+    with h5py.File(tmp_path / "a" / "s1.h5", "r") as f:
+        coords = f["coords"][()]
+        tile = dict(f["coords"].attrs)
+    assert tile["patch_size_level0"] == TILE and tile["patch_level"] == 0  # CLAM and TRIDENT
+    assert tile["level0_magnification"] == pytest.approx(20.0)  # 0.5 um/px
+    # a TRIDENT-style file: coords only, shifted off our grid, tiles named in level-0 pixels
+    trident = tmp_path / "trident"
+    trident.mkdir()
+    with h5py.File(trident / "s1.h5", "w") as f:
+        f.create_dataset("coords", data=coords[:5] + 7).attrs["patch_size_level0"] = TILE
+    for source, expected in ((tmp_path / "a", coords), (trident, coords[:5] + 7)):
+        out = tmp_path / f"b_{source.name}"
+        summary = extract_features(
+            slide.path, out, **{**FAST, "encoder": "small_cnn"}, coords_from=source
+        )
+        assert not summary["failed"], summary["failed"]
+        with h5py.File(out / "s1.h5", "r") as f:
+            np.testing.assert_array_equal(f["coords"][()], expected)
+            assert f["features"].shape == (len(expected), 128)
+            assert json.loads(f.attrs["extraction"])["coords_from"] == str(source.resolve())
+    wider = extract_features(
+        slide.path, tmp_path / "c", **{**FAST, "patch_size": 16}, coords_from=tmp_path / "a"
+    )
+    (failure,) = wider["failed"]
+    assert "tiles are 32 level-0 pixels wide" in failure["error"]
+    assert "downsample 2" in failure["error"]
+
+
+def test_bags_record_the_weights_digest_and_refuse_other_weights(tmp_path):
+    import torchvision
+
+    (tmp_path / "slides").mkdir()
+    slide = write_synthetic_slide(tmp_path / "slides" / "s.tif", width=256, height=256, seed=1)
+    weights = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    extract_features(slide.path, tmp_path / "out", weights=weights, **FAST)
+    with h5py.File(tmp_path / "out" / "s.h5", "r") as f:
+        attrs = dict(f.attrs)
+    assert attrs["weights_sha256"] == sha256_of(weights) and attrs["amp"] == "none"
+    assert attrs["embedding"] == "global average pool"
+    torch.manual_seed(1)  # the same file name, other weights
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    with pytest.raises(ValueError, match="extracted with other settings"):
+        extract_features(slide.path, tmp_path / "out", weights=weights, **FAST)
+
+
+def test_auto_precision_is_bf16_where_the_cpu_has_bf16_units_and_the_bag_says_so(
+    tmp_path, monkeypatch
+):
+    from ips import train
+
+    (tmp_path / "slides").mkdir()
+    slide = write_synthetic_slide(tmp_path / "slides" / "s.tif", width=256, height=256, seed=1)
+    monkeypatch.setattr(train, "native_bf16", lambda device: True)
+    extract_features(slide.path, tmp_path / "out", **{**FAST, "amp": "auto"})
+    with h5py.File(tmp_path / "out" / "s.h5", "r") as f:
+        assert f.attrs["amp"] == "bf16" and json.loads(f.attrs["extraction"])["amp"] == "bf16"

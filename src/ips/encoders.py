@@ -123,7 +123,7 @@ def create_encoder(
     if name.startswith(TIMM_PREFIX):
         _rgb(name, in_channels)
         return build_timm(
-            generic_timm_preset(name), name=name, pretrained=pretrained, embed_dim=embed_dim
+            generic_timm_preset(name), name=name, pretrained=pretrained, out_dim=embed_dim
         )
     if name not in _ENCODERS:
         raise ValueError(
@@ -358,9 +358,11 @@ class TimmPreset:
     embedding: str = "pooled"  # "pooled": the model's head-less output (the class token for
     # these ViTs); "cls_mean": class token and the mean of the patch tokens, concatenated
     hub_id: str | None = None  # Hugging Face hub id of the published weights
+    hub_file: str = "pytorch_model.bin"  # their file on the hub
+    url: str | None = None  # or their address elsewhere
     gated: bool = False  # the hub asks to accept terms first (then HF_TOKEN)
-    convert: str | None = None  # key conversion of published weights ("dinov2_hf": HF Dinov2)
-    note: str = ""  # what a user should know (licence, what cannot be built and why)
+    convert: str | None = None  # how published weights become the model's keys (CONVERSIONS)
+    tower: str | None = None  # a read-out around the timm trunk (TOWERS), e.g. CONCH's pooler
 
     def __post_init__(self) -> None:
         if self.embedding not in EMBEDDINGS:
@@ -446,35 +448,36 @@ def build_timm(
     *,
     name: str,
     pretrained: bool | str = False,
-    embed_dim: int | None = None,
+    out_dim: int | None = None,
     **overrides: Any,
 ) -> TimmEncoder:
-    """A `TimmEncoder` of ``preset``, with weights from a file (loaded strictly), from the hub
-    (``pretrained=True``), or random (seeded by the caller).
+    """A `TimmEncoder` of ``preset``, with weights from a file (loaded strictly), its published
+    file (``pretrained=True``: from the hub or its URL, then loaded the same way), or random
+    (seeded by the caller).
 
     Args:
         preset: architecture and read-out.
         name: the encoder's name, for errors.
-        pretrained: False, True (the hub id), or a weight file.
-        embed_dim: D; None: the embedding width (no projection).
+        pretrained: False, True (the published weights), or a weight file.
+        out_dim: D; None: the embedding width (no projection).
         **overrides: architecture keyword arguments replacing the preset's (small test
             versions: ``depth=1, embed_dim=...``).
     """
     timm = import_timm()
     kwargs = {"num_classes": 0, **preset.timm_kwargs(**overrides)}
-    if pretrained is True:
-        trunk = _from_hub(timm, preset, name, kwargs)
-    else:
-        try:
-            trunk = timm.create_model(preset.arch, pretrained=False, **kwargs)
-        except RuntimeError as err:  # unknown model name
-            raise ValueError(f"model.encoder: timm cannot build {preset.arch!r} ({err})") from None
-        if pretrained:
-            state = read_state_dict(pretrained, option="model.pretrained")
-            if preset.convert is not None:
-                state = CONVERSIONS[preset.convert](state)
-            load_strict(trunk, state, source=str(pretrained), model=name, option="model.pretrained")
-    encoder = TimmEncoder(trunk, preset, embed_dim=embed_dim)
+    try:
+        trunk = timm.create_model(preset.arch, pretrained=False, **kwargs)
+    except RuntimeError as err:  # unknown model name
+        raise ValueError(f"model.encoder: timm cannot build {preset.arch!r} ({err})") from None
+    if preset.tower is not None:
+        trunk = TOWERS[preset.tower](trunk)
+    if pretrained:
+        path = fetch_weights(preset, name) if pretrained is True else str(pretrained)
+        state = read_state_dict(path, option="model.pretrained")
+        if preset.convert is not None:
+            state = CONVERSIONS[preset.convert](state, trunk)
+        load_strict(trunk, state, source=path, model=name, option="model.pretrained")
+    encoder = TimmEncoder(trunk, preset, embed_dim=out_dim)
     if preset.width and not overrides and encoder.width != preset.width:
         raise RuntimeError(
             f"{name}: the registry says F = {preset.width}, it gives {encoder.width}"
@@ -482,15 +485,27 @@ def build_timm(
     return encoder
 
 
-def _from_hub(timm: Any, preset: TimmPreset, name: str, kwargs: dict[str, Any]) -> nn.Module:
-    if preset.hub_id is None:
-        raise ValueError(
-            f"model.pretrained: {name} has no published weights to fetch; give a file's path"
-        )
+def fetch_weights(preset: TimmPreset, name: str) -> str:
+    """The local path of a preset's published weight file, downloaded once: from the Hugging
+    Face hub (``HF_TOKEN`` for gated models; ``HF_HUB_OFFLINE=1`` uses the cache only) or
+    from its URL (torch's hub cache)."""
     try:
-        return timm.create_model(f"hf-hub:{preset.hub_id}", pretrained=True, **kwargs)
-    except Exception as err:  # offline, gated, refused: huggingface_hub's many errors
+        if preset.hub_id is not None:
+            from huggingface_hub import hf_hub_download
+
+            return hf_hub_download(preset.hub_id, preset.hub_file)
+        if preset.url is not None:
+            folder = Path(torch.hub.get_dir()) / "checkpoints"
+            target = folder / f"{name}_{Path(preset.url).name}"
+            if not target.is_file():
+                folder.mkdir(parents=True, exist_ok=True)
+                torch.hub.download_url_to_file(preset.url, str(target), progress=False)
+            return str(target)
+    except ImportError as err:
+        raise ImportError(TIMM_HINT) from err
+    except Exception as err:  # offline, gated, refused: huggingface_hub's and urllib's errors
         reason = " ".join(str(err).split())[:160] or type(err).__name__
+        where = preset.hub_id or preset.url
         gate = (
             f"its weights are gated: accept the terms on https://huggingface.co/{preset.hub_id} "
             "and set HF_TOKEN; "
@@ -498,16 +513,21 @@ def _from_hub(timm: Any, preset: TimmPreset, name: str, kwargs: dict[str, Any]) 
             else ""
         )
         raise FileNotFoundError(
-            f"model.pretrained: cannot fetch the {name} weights from the hub ({preset.hub_id}: "
-            f"{reason}); {gate}or download the file once and give its path"
+            f"model.pretrained: cannot fetch the {name} weights ({where}: {reason}); {gate}"
+            "or download the file once and give its path"
         ) from None
+    raise ValueError(f"model.pretrained: {name} has no published weights; give a file's path")
 
 
-def dinov2_from_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Keys of a Hugging Face ``Dinov2Model`` state dict renamed to timm's VisionTransformer
-    (query, key and value weights concatenated into ``qkv``)."""
+def dinov2_from_hf(state: dict[str, Tensor], trunk: nn.Module) -> dict[str, Tensor]:
+    """A Hugging Face ``Dinov2Model`` (or ``Dinov2WithRegistersModel``) state dict in the keys
+    of timm's VisionTransformer (query, key and value concatenated into ``qkv``); Meta's
+    DINOv2 keys go through `dinov2_to_timm`; timm's keys pass unchanged (and are checked as
+    they are)."""
+    if "mask_token" in state:  # Meta's layout (e.g. the hibou .pth files)
+        return dinov2_to_timm(state, trunk)
     if not any(k.startswith("embeddings.") for k in state):
-        return state  # already timm's keys
+        return state
     out: dict[str, Tensor] = {}
     layers: dict[int, dict[str, Tensor]] = {}
     simple = {
@@ -523,11 +543,16 @@ def dinov2_from_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
         "norm1": "norm1",
         "norm2": "norm2",
         "attention.output.dense": "attn.proj",
+        "attention.o_proj": "attn.proj",  # transformers 5 names
         "mlp.fc1": "mlp.fc1",
         "mlp.fc2": "mlp.fc2",
-        "mlp.weights_in": "mlp.fc1",  # SwiGLU variants
+        "mlp.weights_in": "mlp.fc1",  # SwiGLU: [gate; up] packed, as timm's SwiGLUPacked
         "mlp.weights_out": "mlp.fc2",
+        "mlp.down_proj": "mlp.fc2",
     }
+    qkv_names = {"query": "query", "key": "key", "value": "value"}
+    qkv_names |= {"q_proj": "query", "k_proj": "key", "v_proj": "value"}
+    swiglu: dict[str, dict[str, Tensor]] = {}
     for key, value in state.items():
         if key in simple:
             out[simple[key]] = value
@@ -536,14 +561,17 @@ def dinov2_from_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
         elif key.startswith("encoder.layer."):
             index, rest = key[len("encoder.layer.") :].split(".", 1)
             block = f"blocks.{index}."
-            if rest.startswith("attention.attention."):
-                layers.setdefault(int(index), {})[rest[len("attention.attention.") :]] = value
+            module, _, leaf = rest.rpartition(".")
+            projection = module.rpartition(".")[2]
+            if module.startswith("attention.") and projection in qkv_names:
+                layers.setdefault(int(index), {})[f"{qkv_names[projection]}.{leaf}"] = value
+            elif module in ("mlp.gate_proj", "mlp.up_proj"):  # transformers 5: SwiGLU split
+                swiglu.setdefault(block + leaf, {})[module] = value
             elif rest.startswith("layer_scale1.lambda1"):
                 out[block + "ls1.gamma"] = value
             elif rest.startswith("layer_scale2.lambda1"):
                 out[block + "ls2.gamma"] = value
             else:
-                module, _, leaf = rest.rpartition(".")
                 out[block + parts.get(module, module) + "." + leaf] = value
         else:
             out[key] = value
@@ -553,10 +581,108 @@ def dinov2_from_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
                 out[f"blocks.{index}.attn.qkv.{leaf}"] = torch.cat(
                     [qkv[f"{name}.{leaf}"] for name in ("query", "key", "value")]
                 )
+    for prefix, halves in swiglu.items():  # "blocks.3.weight" -> "blocks.3.mlp.fc1.weight"
+        block, _, leaf = prefix.rpartition(".")
+        out[f"{block}.mlp.fc1.{leaf}"] = torch.cat([halves["mlp.gate_proj"], halves["mlp.up_proj"]])
+    pos = out.get("pos_embed")
+    if getattr(trunk, "no_embed_class", False) and pos is not None and "cls_token" in out:
+        # HF keeps a position for the class token; timm's register models add none to it
+        out["cls_token"] = out["cls_token"] + pos[:, :1]
+        out["pos_embed"] = pos[:, 1:]
     return out
 
 
-CONVERSIONS = {"dinov2_hf": dinov2_from_hf}
+def dinov2_to_timm(state: dict[str, Tensor], trunk: nn.Module) -> dict[str, Tensor]:
+    """timm's own conversion of DINOv2 checkpoints (Meta's keys: ``register_tokens``,
+    ``mlp.w12``, the class position folded into ``cls_token`` where the model has none, the
+    position grid and patch kernel resampled to the model's), as timm applies it when it
+    loads these models' published weights (Kaiko's release files)."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    return checkpoint_filter_fn(dict(state), trunk)
+
+
+def conch_v1_5_positions(state: dict[str, Tensor], tower: nn.Module) -> dict[str, Tensor]:
+    """CONCH v1.5's position embedding as its own code uses it at 448 pixels: a grid other than
+    the trunk's 28 x 28 is resampled to the 14 x 14 grid of 224 pixels (bilinear, as its loader
+    does), then to 28 x 28 DINO's way (bicubic, scale (28 + 0.1) / 14, as its forward does),
+    and baked into the 448-pixel trunk; a 28 x 28 grid (a file saved from this model) stays."""
+    from timm.layers import resample_abs_pos_embed
+
+    key = "trunk.pos_embed"
+    if key not in state or state[key].shape == tower.trunk.pos_embed.shape:
+        return state
+    pos = state[key]  # (1, 1 + g * g, D)
+    pos = resample_abs_pos_embed(pos, new_size=(14, 14), num_prefix_tokens=1, verbose=False)
+    cls, grid = pos[:, :1], pos[:, 1:]  # (1, 1, D), (1, 196, D)
+    dim, side = grid.shape[-1], tower.trunk.patch_embed.grid_size[0]
+    grid = nn.functional.interpolate(
+        grid.reshape(1, 14, 14, dim).permute(0, 3, 1, 2).float(),
+        scale_factor=((side + 0.1) / 14, (side + 0.1) / 14),
+        mode="bicubic",
+    )
+    grid = grid.permute(0, 2, 3, 1).reshape(1, side * side, dim).to(pos.dtype)
+    return {**state, key: torch.cat([cls, grid], dim=1)}
+
+
+CONVERSIONS = {
+    "dinov2_hf": dinov2_from_hf,
+    "dinov2": dinov2_to_timm,
+    "conch_v1_5": conch_v1_5_positions,
+}
+
+
+class AttentionalPooler(nn.Module):
+    """CoCa's attentional pooling: learned queries attend to the tokens (CONCH's read-out).
+
+    Input (n, T, context_dim), output (n, queries, d_model).
+    """
+
+    def __init__(self, *, d_model: int, context_dim: int, n_head: int = 8, n_queries: int = 1):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(n_queries, d_model))
+        self.heads = n_head
+        self.ln_k = nn.LayerNorm(context_dim)
+        self.ln_q = nn.LayerNorm(d_model)
+        self.to_q = nn.Linear(d_model, d_model, bias=False)
+        self.to_kv = nn.Linear(context_dim, d_model * 2, bias=False)
+        self.to_out = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, h = x.shape[0], self.heads
+        q = self.to_q(self.ln_q(self.query)).expand(n, -1, -1)  # (n, Q, d)
+        k, v = self.to_kv(self.ln_k(x)).chunk(2, dim=-1)  # (n, T, d) each
+
+        def split(t: Tensor) -> Tensor:  # (n, L, d) -> (n, h, L, d / h)
+            return t.unflatten(-1, (h, -1)).transpose(1, 2)
+
+        out = nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
+        return self.to_out(out.transpose(1, 2).flatten(2))  # (n, Q, d)
+
+
+class ConchTower(nn.Module):
+    """CONCH v1.5's vision tower: a ViT-L/16 trunk, attentional pooling to 768, LayerNorm.
+
+    Input (n, 3, 448, 448), output (n, 768); its state dict is the published file's
+    (``trunk.*``, ``attn_pool_contrast.*``, ``ln_contrast.*``).
+    """
+
+    def __init__(self, trunk: nn.Module, d_model: int = 768):
+        super().__init__()
+        self.trunk = trunk
+        self.attn_pool_contrast = AttentionalPooler(
+            d_model=d_model, context_dim=int(trunk.num_features), n_head=8, n_queries=1
+        )
+        self.ln_contrast = nn.LayerNorm(d_model)
+        self.num_features = d_model
+        self.num_prefix_tokens = trunk.num_prefix_tokens
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.trunk.forward_features(x)  # (n, 1 + patches, 1024)
+        return self.ln_contrast(self.attn_pool_contrast(tokens)[:, 0])
+
+
+TOWERS = {"conch_v1_5": ConchTower}
 
 
 def generic_timm_config(name: str) -> dict[str, Any]:
@@ -580,3 +706,192 @@ def generic_timm_preset(name: str) -> TimmPreset:
     mean = tuple(config.get("mean") or IMAGENET_MEAN)
     std = tuple(config.get("std") or IMAGENET_STD)
     return TimmPreset(arch=arch, input_size=None, mean=mean, std=std)
+
+
+# the pathology foundation models, one entry per family (sources: each model's card and code)
+_SWIGLU = (("mlp_layer", "layer:SwiGLUPacked"), ("act_layer", "torch:SiLU"))
+KAIKO_RELEASES = "https://github.com/kaiko-ai/towards_large_pathology_fms/releases/download/0.0.1"
+HIBOU_MEAN, HIBOU_STD = (0.7068, 0.5755, 0.7220), (0.1950, 0.2316, 0.1816)
+H_OPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
+H_OPTIMUS_STD = (0.211883, 0.230117, 0.177517)
+PRESETS: dict[str, TimmPreset] = {
+    "uni": TimmPreset(
+        arch="vit_large_patch16_224",
+        kwargs=(("init_values", 1e-5), ("dynamic_img_size", True)),
+        width=1024,
+        hub_id="MahmoodLab/UNI",
+        gated=True,
+    ),
+    "uni2_h": TimmPreset(
+        arch="vit_giant_patch14_224",
+        kwargs=(
+            ("img_size", 224),
+            ("patch_size", 14),
+            ("depth", 24),
+            ("num_heads", 24),
+            ("init_values", 1e-5),
+            ("embed_dim", 1536),
+            ("mlp_ratio", 2.66667 * 2),
+            ("no_embed_class", True),
+            *_SWIGLU,
+            ("reg_tokens", 8),
+            ("dynamic_img_size", True),
+        ),
+        width=1536,
+        hub_id="MahmoodLab/UNI2-h",
+        gated=True,
+    ),
+    "virchow": TimmPreset(
+        arch="vit_huge_patch14_224",
+        kwargs=(
+            ("img_size", 224),
+            ("init_values", 1e-5),
+            ("mlp_ratio", 5.3375),
+            ("global_pool", ""),
+            ("dynamic_img_size", True),
+            *_SWIGLU,
+        ),
+        width=2560,
+        interpolation="bicubic",
+        embedding="cls_mean",
+        hub_id="paige-ai/Virchow",
+        gated=True,
+    ),
+    "virchow2": TimmPreset(
+        arch="vit_huge_patch14_224",
+        kwargs=(
+            ("img_size", 224),
+            ("init_values", 1e-5),
+            ("mlp_ratio", 5.3375),
+            ("global_pool", ""),
+            ("dynamic_img_size", True),
+            ("reg_tokens", 4),
+            *_SWIGLU,
+        ),
+        width=2560,
+        interpolation="bicubic",
+        embedding="cls_mean",
+        hub_id="paige-ai/Virchow2",
+        gated=True,
+    ),
+    "h_optimus_0": TimmPreset(
+        arch="vit_giant_patch14_reg4_dinov2",
+        kwargs=(("img_size", 224), ("init_values", 1e-5), ("dynamic_img_size", False)),
+        width=1536,
+        mean=H_OPTIMUS_MEAN,
+        std=H_OPTIMUS_STD,
+        hub_id="bioptimus/H-optimus-0",
+    ),
+    "h_optimus_1": TimmPreset(
+        arch="vit_giant_patch14_reg4_dinov2",
+        kwargs=(("img_size", 224), ("init_values", 1e-5), ("dynamic_img_size", False)),
+        width=1536,
+        mean=H_OPTIMUS_MEAN,
+        std=H_OPTIMUS_STD,
+        hub_id="bioptimus/H-optimus-1",
+        gated=True,
+    ),
+    "prov_gigapath": TimmPreset(
+        arch="vit_giant_patch14_dinov2",
+        kwargs=(
+            ("img_size", 224),
+            ("in_chans", 3),
+            ("patch_size", 16),
+            ("embed_dim", 1536),
+            ("depth", 40),
+            ("num_heads", 24),
+            ("init_values", 1e-5),
+            ("mlp_ratio", 5.33334),
+        ),
+        width=1536,
+        resize_to=256,
+        interpolation="bicubic",
+        hub_id="prov-gigapath/prov-gigapath",
+        gated=True,
+    ),
+    "conch_v1_5": TimmPreset(
+        arch="vit_large_patch16_224",
+        kwargs=(("img_size", 448), ("init_values", 1.0)),
+        tower="conch_v1_5",
+        convert="conch_v1_5",
+        width=768,
+        input_size=448,
+        hub_id="MahmoodLab/conchv1_5",
+        hub_file="pytorch_model_vision.bin",
+        gated=True,
+    ),
+    "phikon_v2": TimmPreset(
+        arch="vit_large_patch16_224",
+        kwargs=(("img_size", 224), ("init_values", 1e-5)),
+        convert="dinov2_hf",
+        width=1024,
+        hub_id="owkin/phikon-v2",
+        hub_file="model.safetensors",
+    ),
+    **{
+        f"kaiko_{size}": TimmPreset(
+            arch=arch,
+            kwargs=(("img_size", 224), ("dynamic_img_size", True)),
+            convert="dinov2",
+            width=width,
+            mean=(0.5, 0.5, 0.5),
+            std=(0.5, 0.5, 0.5),
+            url=f"{KAIKO_RELEASES}/{size}.pth",
+        )
+        for size, arch, width in (
+            ("vits16", "vit_small_patch16_224", 384),
+            ("vits8", "vit_small_patch8_224", 384),
+            ("vitb16", "vit_base_patch16_224", 768),
+            ("vitb8", "vit_base_patch8_224", 768),
+            ("vitl14", "vit_large_patch14_reg4_dinov2", 1024),
+        )
+    },
+    "hibou_b": TimmPreset(
+        arch="vit_base_patch14_reg4_dinov2",
+        kwargs=(("img_size", 224), ("mlp_ratio", 2.66667 * 2), *_SWIGLU),
+        convert="dinov2_hf",
+        width=768,
+        interpolation="bicubic",
+        mean=HIBOU_MEAN,
+        std=HIBOU_STD,
+    ),
+    "hibou_l": TimmPreset(
+        arch="vit_large_patch14_reg4_dinov2",
+        kwargs=(("img_size", 224), ("mlp_ratio", 5472 / 1024), *_SWIGLU),
+        convert="dinov2_hf",
+        width=1024,
+        interpolation="bicubic",
+        mean=HIBOU_MEAN,
+        std=HIBOU_STD,
+    ),
+}
+NOT_BUILT = {  # families a user may look for, and why they are not presets
+    "conch": "CONCH v1 is a CoCa model defined in the git-only `conch` package (its tower's "
+    "projection and pooling are CoCa's); use conch_v1_5, or extract with the conch package",
+}
+
+
+def preset(name: str) -> TimmPreset:
+    """The registry entry of a foundation model or ``timm:<model>``."""
+    if name.startswith(TIMM_PREFIX):
+        return generic_timm_preset(name)
+    if name in NOT_BUILT:
+        raise ValueError(f"{name!r} is not built here: {NOT_BUILT[name]}")
+    if name not in PRESETS:
+        raise ValueError(f"{name!r} is not a timm encoder; presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def _register_preset(name: str, entry: TimmPreset) -> None:
+    @register_encoder(name, normalization=(entry.mean, entry.std))
+    def build(
+        *, in_channels: int, embed_dim: int, pretrained: bool | str = False, **_
+    ) -> nn.Module:
+        _rgb(name, in_channels)
+        return build_timm(entry, name=name, pretrained=pretrained, out_dim=embed_dim)
+
+    build.__doc__ = f"timm {entry.arch} ({entry.hub_id or 'no published weights'})."
+
+
+for _name, _entry in PRESETS.items():
+    _register_preset(_name, _entry)
