@@ -373,3 +373,13 @@ def test_class_folders_train_resume_evaluate_and_predict_through_the_cli(tmp_pat
         rows = list(csv.DictReader(fh))
     assert len(rows) == 3 and {r["label"] for r in rows} <= {"clear", "spotted", "striped"}
     assert not (out / "metrics.json").exists()  # a folder has no labels to score against
+
+
+def test_encoders_command_lists_every_preset_with_its_width_and_weights(capsys):
+    from ips.encoders import PRESETS
+
+    assert main(["encoders", "--json"]) == 0
+    rows = {r["name"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert set(PRESETS) <= set(rows) and "timm:<model>" in rows
+    assert rows["virchow2"]["width"] == 2560 and rows["virchow2"]["gated"] is True
+    assert rows["uni"]["weights"] == "MahmoodLab/UNI"

@@ -328,3 +328,12 @@ def test_auto_precision_is_bf16_where_the_cpu_has_bf16_units_and_the_bag_says_so
     extract_features(slide.path, tmp_path / "out", **{**FAST, "amp": "auto"})
     with h5py.File(tmp_path / "out" / "s.h5", "r") as f:
         assert f.attrs["amp"] == "bf16" and json.loads(f.attrs["extraction"])["amp"] == "bf16"
+
+
+def test_presets_extract_in_their_measured_cpu_batch_by_default():
+    from ips.features import default_batch_size
+
+    assert default_batch_size("uni", torch.device("cpu")) == 8
+    assert default_batch_size("prov_gigapath", torch.device("cpu")) == 4
+    assert default_batch_size("resnet50_4blocks", torch.device("cpu")) == 64
+    assert default_batch_size("uni", torch.device("cuda")) == 64

@@ -239,7 +239,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--tissue", default="otsu", choices=["otsu", "none"], help="tissue detection ('none': all)"
     )
     g.add_argument("--min-tissue", type=float, default=0.01, help="least tissue share of a tile")
-    p.add_argument("--batch-size", type=int, default=64, help="tiles per encoder call")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="tiles per encoder call (default: a preset's fastest on a CPU, else 64)",
+    )
     p.add_argument("--workers", type=int, default=0, help="DataLoader processes reading tiles")
     p.add_argument(
         "--amp",
@@ -256,6 +260,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="initialises an untrained encoder")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
+    _common(p)
+
+    p = sub.add_parser(
+        "encoders", help="list the patch encoders: foundation models, ResNet trunks, ..."
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per encoder")
     _common(p)
 
     p = sub.add_parser(
@@ -711,6 +721,47 @@ def cmd_extract_features(args: argparse.Namespace) -> int:
     return 1 if summary["failed"] else 0
 
 
+def cmd_encoders(args: argparse.Namespace) -> int:
+    from ips.encoders import NOT_BUILT, PRESETS, list_encoders
+
+    rows = []
+    for name in list_encoders():
+        entry = PRESETS.get(name)
+        if entry is None:
+            rows.append(
+                {"name": name, "kind": "torchvision / ips" if name != "features" else "features"}
+            )
+            continue
+        rows.append(
+            {
+                "name": name,
+                "kind": f"timm {entry.arch}" + (f" + {entry.tower}" if entry.tower else ""),
+                "width": entry.width,
+                "input": entry.input_size,
+                "embedding": entry.embedding,
+                "mean": list(entry.mean),
+                "std": list(entry.std),
+                "weights": entry.hub_id or entry.url,
+                "gated": entry.gated,
+            }
+        )
+    rows.append({"name": "timm:<model>", "kind": "any timm model, its own pretrained config"})
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    for row in rows:
+        extra = ""
+        if "width" in row:
+            gate = ", gated" if row["gated"] else ""
+            extra = f"  F={row['width']}, {row['input']} px, {row['embedding']}"
+            extra += f", weights: {row['weights'] or 'a local file'}{gate}"
+        print(f"{row['name']:<18} {row['kind']}{extra}")
+    for name, why in NOT_BUILT.items():
+        print(f"{name:<18} not built: {why}")
+    return 0
+
+
 def cmd_download_traffic_signs(args: argparse.Namespace) -> int:
     from ips.data.traffic_signs import download_traffic_signs
 
@@ -865,6 +916,7 @@ COMMANDS = {
     "make-slide": cmd_make_slide,
     "make-cohort": cmd_make_cohort,
     "extract-features": cmd_extract_features,
+    "encoders": cmd_encoders,
     "download-traffic-signs": cmd_download_traffic_signs,
     "bench": cmd_bench,
 }

@@ -361,6 +361,7 @@ class TimmPreset:
     hub_file: str = "pytorch_model.bin"  # their file on the hub
     url: str | None = None  # or their address elsewhere
     gated: bool = False  # the hub asks to accept terms first (then HF_TOKEN)
+    cpu_batch_size: int = 8  # tiles per call on a CPU: the fastest measured (benchmarks/encoders)
     convert: str | None = None  # how published weights become the model's keys (CONVERSIONS)
     tower: str | None = None  # a read-out around the timm trunk (TOWERS), e.g. CONCH's pooler
 
@@ -723,6 +724,7 @@ PRESETS: dict[str, TimmPreset] = {
         gated=True,
     ),
     "uni2_h": TimmPreset(
+        cpu_batch_size=4,
         arch="vit_giant_patch14_224",
         kwargs=(
             ("img_size", 224),
@@ -742,6 +744,7 @@ PRESETS: dict[str, TimmPreset] = {
         gated=True,
     ),
     "virchow": TimmPreset(
+        cpu_batch_size=4,
         arch="vit_huge_patch14_224",
         kwargs=(
             ("img_size", 224),
@@ -758,6 +761,7 @@ PRESETS: dict[str, TimmPreset] = {
         gated=True,
     ),
     "virchow2": TimmPreset(
+        cpu_batch_size=4,
         arch="vit_huge_patch14_224",
         kwargs=(
             ("img_size", 224),
@@ -775,6 +779,7 @@ PRESETS: dict[str, TimmPreset] = {
         gated=True,
     ),
     "h_optimus_0": TimmPreset(
+        cpu_batch_size=4,
         arch="vit_giant_patch14_reg4_dinov2",
         kwargs=(("img_size", 224), ("init_values", 1e-5), ("dynamic_img_size", False)),
         width=1536,
@@ -783,6 +788,7 @@ PRESETS: dict[str, TimmPreset] = {
         hub_id="bioptimus/H-optimus-0",
     ),
     "h_optimus_1": TimmPreset(
+        cpu_batch_size=4,
         arch="vit_giant_patch14_reg4_dinov2",
         kwargs=(("img_size", 224), ("init_values", 1e-5), ("dynamic_img_size", False)),
         width=1536,
@@ -792,6 +798,7 @@ PRESETS: dict[str, TimmPreset] = {
         gated=True,
     ),
     "prov_gigapath": TimmPreset(
+        cpu_batch_size=4,
         arch="vit_giant_patch14_dinov2",
         kwargs=(
             ("img_size", 224),
@@ -810,6 +817,7 @@ PRESETS: dict[str, TimmPreset] = {
         gated=True,
     ),
     "conch_v1_5": TimmPreset(
+        cpu_batch_size=4,
         arch="vit_large_patch16_224",
         kwargs=(("img_size", 448), ("init_values", 1.0)),
         tower="conch_v1_5",
@@ -837,13 +845,14 @@ PRESETS: dict[str, TimmPreset] = {
             mean=(0.5, 0.5, 0.5),
             std=(0.5, 0.5, 0.5),
             url=f"{KAIKO_RELEASES}/{size}.pth",
+            cpu_batch_size=batch,
         )
-        for size, arch, width in (
-            ("vits16", "vit_small_patch16_224", 384),
-            ("vits8", "vit_small_patch8_224", 384),
-            ("vitb16", "vit_base_patch16_224", 768),
-            ("vitb8", "vit_base_patch8_224", 768),
-            ("vitl14", "vit_large_patch14_reg4_dinov2", 1024),
+        for size, arch, width, batch in (
+            ("vits16", "vit_small_patch16_224", 384, 32),
+            ("vits8", "vit_small_patch8_224", 384, 8),
+            ("vitb16", "vit_base_patch16_224", 768, 8),
+            ("vitb8", "vit_base_patch8_224", 768, 8),
+            ("vitl14", "vit_large_patch14_reg4_dinov2", 1024, 8),
         )
     },
     "hibou_b": TimmPreset(
@@ -854,6 +863,8 @@ PRESETS: dict[str, TimmPreset] = {
         interpolation="bicubic",
         mean=HIBOU_MEAN,
         std=HIBOU_STD,
+        hub_id="histai/hibou-b",
+        hub_file="model.safetensors",
     ),
     "hibou_l": TimmPreset(
         arch="vit_large_patch14_reg4_dinov2",
@@ -863,6 +874,8 @@ PRESETS: dict[str, TimmPreset] = {
         interpolation="bicubic",
         mean=HIBOU_MEAN,
         std=HIBOU_STD,
+        hub_id="histai/hibou-L",
+        hub_file="model.safetensors",
     ),
 }
 NOT_BUILT = {  # families a user may look for, and why they are not presets

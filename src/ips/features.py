@@ -53,6 +53,7 @@ from ips.data.feature_bags import import_h5py, tile_size_level0
 from ips.encoders import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    PRESETS,
     TIMM_PREFIX,
     create_encoder,
     list_encoders,
@@ -400,6 +401,13 @@ def extract_slide(
     return n
 
 
+def default_batch_size(encoder: str, device: torch.device) -> int:
+    """Tiles per encoder call when none is given: a preset's fastest on a CPU, else 64."""
+    if device.type == "cpu" and encoder in PRESETS:
+        return PRESETS[encoder].cpu_batch_size
+    return 64
+
+
 def _tile_attrs(source: PatchSource) -> dict[str, Any]:
     """The tile geometry as other tools record it on ``coords`` (CLAM: patch_size at
     patch_level; TRIDENT: patch_size_level0 and magnifications)."""
@@ -488,7 +496,7 @@ def extract_features(
     amp: str = "auto",
     seed: int = 0,
     coords_from: str | os.PathLike | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     num_workers: int = 0,
     device: torch.device | str = "cpu",
     rank: int | None = None,
@@ -507,7 +515,8 @@ def extract_features(
         coords_from: a folder of bags (ours, or CLAM / TRIDENT ``.h5`` with ``coords``):
             each slide's tiles are read at that bag's coordinates instead of a new grid, so
             two encoders' bags share their tiles.
-        batch_size: tiles per encoder call.
+        batch_size: tiles per encoder call; None: on a CPU the fastest measured for the
+            preset (`TimmPreset.cpu_batch_size`; 64 for the other encoders), 64 elsewhere.
         num_workers: DataLoader processes reading tiles.
         device: where the encoder runs.
         rank, world_size: this process takes the slides i with i % world_size == rank;
@@ -535,6 +544,8 @@ def extract_features(
         weights_sha256=None if published else sha256_of(Path(weights).expanduser()),
         coords_from=None if coords_from is None else str(Path(coords_from).resolve()),
     )
+    if batch_size is None:
+        batch_size = default_batch_size(encoder, torch.device(device))
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if num_workers < 0:
