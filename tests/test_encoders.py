@@ -298,3 +298,15 @@ def test_phikon_weights_in_hugging_face_keys_convert_exactly(tmp_path):
     x = torch.rand(2, 3, 224, 224)
     with torch.inference_mode():
         assert torch.equal(loaded(x), encoder(x))
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_normalises_as_its_registry_entry_says(name):
+    from ips.config import ModelConfig
+    from ips.encoders import with_weights_normalization
+
+    config = with_weights_normalization(
+        ModelConfig(encoder=name, in_channels=3, patch_size=224, pretrained="weights.bin")
+    )
+    assert config.normalize_mean == PRESETS[name].mean
+    assert config.normalize_std == PRESETS[name].std
