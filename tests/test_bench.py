@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +16,11 @@ from ips.bench import (
     FeatureFile,
     MemoryCase,
     bench_memory,
+    max_rss_mb,
     measure_memory,
+    peak_rss_since_reset_mb,
+    reset_peak_rss,
+    rss_mb,
     run_memory_case,
     write_features,
 )
@@ -33,6 +39,38 @@ def _check_record(record: dict, **expected) -> None:
     assert record["peak_rss_mb"] >= record["peak_rss_above_baseline_mb"] >= 0
     assert record["seconds"] > 0
     assert record["torch"] == torch.__version__ and record["device"] == "cpu"
+
+
+def test_resident_memory_now_lies_under_the_high_water_mark():
+    now = rss_mb()
+    assert now > 50  # MiB: torch alone takes more
+    assert now <= max_rss_mb() + 4  # the kernel counts pages in per-CPU batches: a little slack
+    assert max_rss_mb(children=True) >= max_rss_mb()
+
+
+def test_the_peak_since_a_reset_counts_memory_touched_after_it():
+    if not reset_peak_rss():
+        pytest.skip("the resident high-water mark cannot be reset here (not Linux)")
+    before = rss_mb()
+    block = np.ones(2**26, dtype=np.uint8)  # 64 MiB, above glibc's mmap threshold: fresh pages
+    del block
+    assert peak_rss_since_reset_mb() - before >= 48
+
+
+def test_importing_the_package_leaves_the_speed_benchmark_unimported():
+    """Every memory measurement imports `ips.bench` in a fresh process; the speed module (and
+    `ips.train` under it) would raise that process's whole peak."""
+    code = "import sys, ips.bench; print('ips.bench.speed' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+def test_every_public_name_of_the_package_resolves():
+    import ips.bench
+
+    missing = [name for name in ips.bench.__all__ if not hasattr(ips.bench, name)]
+    assert not missing
+    assert set(ips.bench.__all__) <= set(dir(ips.bench))
 
 
 def test_feature_file_reads_rows_in_the_asked_order_and_pickles(tmp_path):

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from conftest import SHARED_DATA
-from ips.bench_speed import (
+from conftest import MNIST_TINY
+from ips.bench import (
     SPEED_KEYS,
     VARIANTS,
     bench_speed,
@@ -20,7 +20,6 @@ from ips.cli import main
 from ips.config import Config, replace_fields
 from ips.model import create_model
 
-MNIST = SHARED_DATA / "mnist.npz"
 TINY_SPEED = dict(
     encoder="resnet18_2blocks",
     in_channels=1,
@@ -49,9 +48,7 @@ def _config(**overrides) -> Config:
 
 @pytest.fixture(scope="module")
 def mnist_batch():
-    if not MNIST.is_file():
-        pytest.skip(f"{MNIST} not present")
-    return make_speed_batch(_config(), input="mnist", batch_size=2, canvas=160, mnist=MNIST)
+    return make_speed_batch(_config(), input="mnist", batch_size=2, canvas=160, mnist=MNIST_TINY)
 
 
 def _select(options: dict, batch, amp: str = "none"):
@@ -122,7 +119,7 @@ def _tiny_bench(variants: list[str], **options) -> list[dict]:
         input="mnist",
         batch_size=2,
         canvas=160,
-        mnist=MNIST,
+        mnist=MNIST_TINY,
         variants=variants,
         repeats=1,
         warmup=0,

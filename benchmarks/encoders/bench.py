@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -44,7 +43,8 @@ def measure(name: str, batches: list[int], seconds: float) -> dict:
 
     from ips.encoders import PRESETS
     from ips.features import build_extractor
-    from ips.train import autocast
+    from ips.precision import autocast
+    from ips.rss import max_rss_mb
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -81,7 +81,7 @@ def measure(name: str, batches: list[int], seconds: float) -> dict:
     rel = (b16[:n] - f32[:n]).norm(dim=1) / f32[:n].norm(dim=1)
     record["bf16_cosine_min"] = round(float(cos.min()), 5)
     record["bf16_rel_l2_max"] = round(float(rel.max()), 5)
-    record["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    record["peak_rss_mb"] = round(max_rss_mb(), 1)
     return record
 
 

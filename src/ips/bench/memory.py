@@ -1,6 +1,6 @@
-"""Measurements of one IPS training step: peak memory now, speed to follow.
+"""Peak memory of one IPS training step, against N, each measurement in a fresh process.
 
-Memory: `bench_memory` measures the peak resident memory and the wall time of ONE training
+`bench_memory` measures the peak resident memory and the wall time of ONE training
 step (selection, forward, backward, optimizer step) of B images with N patches each, for
 increasing N. Every measurement runs in a fresh Python process, so peaks do not mix and the
 import-time memory of one run never hides the step of another.
@@ -21,7 +21,7 @@ Peaks: `peak_rss_mb` is the whole process's high-water mark (`ru_maxrss`, import
 `peak_rss_above_baseline_mb` is the high-water mark during the step minus the resident memory
 just before it (`baseline_rss_mb`: after imports, model and optimizer creation and opening the
 inputs, which for a slide includes loading its tile index); on Linux the mark is reset there
-(`/proc/self/clear_refs`), elsewhere `ru_maxrss` is used.
+(`/proc/self/clear_refs`), elsewhere `ru_maxrss` is used (helpers: `ips.rss`).
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ from typing import Any
 import numpy as np
 
 from ips.data.feature_bags import FeatureFile
+from ips.errors import InputError
+from ips.files import atomic_write
+from ips.rss import max_rss_mb, peak_rss_since_reset_mb, reset_peak_rss, rss_mb
 
 logger = logging.getLogger(__name__)
 
@@ -73,19 +76,14 @@ def write_features(
     The file is written under a temporary name and renamed, so a reused path is complete.
     """
     path = Path(path)
-    partial = path.with_name(path.name + ".part")
     rng = np.random.default_rng(seed)
     block = max(1, 2**24 // (4 * feature_dim))  # rows per 16 MiB block
-    try:
-        with open(partial, "wb") as fh:
-            header = {"descr": "<f4", "fortran_order": False, "shape": (num_patches, feature_dim)}
-            np.lib.format.write_array_header_2_0(fh, header)
-            for start in range(0, num_patches, block):
-                rows = min(block, num_patches - start)
-                fh.write(rng.standard_normal((rows, feature_dim), dtype=np.float32).tobytes())
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    with atomic_write(path) as fh:
+        header = {"descr": "<f4", "fortran_order": False, "shape": (num_patches, feature_dim)}
+        np.lib.format.write_array_header_2_0(fh, header)
+        for start in range(0, num_patches, block):
+            rows = min(block, num_patches - start)
+            fh.write(rng.standard_normal((rows, feature_dim), dtype=np.float32).tobytes())
     return path
 
 
@@ -167,44 +165,8 @@ def _open_image(case: MemoryCase) -> Any:
             case.path, patch_size=case.patch_size, cache_mb=case.tile_cache_mb, tissue=keep
         )
     if len(source) != case.num_patches:
-        raise ValueError(f"{case.path}: expected {case.num_patches} patches, got {len(source)}")
+        raise InputError(f"{case.path}: expected {case.num_patches} patches, got {len(source)}")
     return source
-
-
-def _rss_mb() -> float:
-    """Resident memory now, MiB (Linux); 0 where /proc is missing."""
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
-def _maxrss_mb() -> float:
-    """The process's high-water mark since it started (ru_maxrss), MiB."""
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's high-water mark of this process (Linux >= 4.0); False if impossible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _hwm_mb() -> float:
-    """High-water mark since the last `_reset_peak` (VmHWM), MiB."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**10
-    raise OSError("no VmHWM in /proc/self/status")
 
 
 def run_memory_case(case: MemoryCase) -> dict[str, Any]:
@@ -250,8 +212,8 @@ def run_memory_case(case: MemoryCase) -> dict[str, Any]:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         device_base = torch.cuda.memory_allocated(device)
-    baseline = _rss_mb() or _maxrss_mb()  # without /proc: the mark so far
-    reset = _reset_peak()
+    baseline = rss_mb() or max_rss_mb()  # without /proc: the mark so far
+    reset = reset_peak_rss()
 
     start = time.perf_counter()
     out = model(images, generator=generator)  # select (no gradients), encode M, pool, heads
@@ -263,8 +225,8 @@ def run_memory_case(case: MemoryCase) -> dict[str, Any]:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
 
-    peak = _maxrss_mb()
-    step_peak = _hwm_mb() if reset else peak
+    peak = max_rss_mb()
+    step_peak = peak_rss_since_reset_mb() if reset else peak
     record = dataclasses.asdict(case)
     record.update(
         peak_rss_mb=round(peak, 1),
@@ -297,7 +259,7 @@ def measure_memory(case: MemoryCase, *, timeout: float | None = None) -> dict[st
         The record of `run_memory_case`; when the process fails or runs past `timeout`
         seconds, the case's settings with `status` saying why and the figures None.
     """
-    command = [sys.executable, "-c", "from ips.bench import _child_main; _child_main()"]
+    command = [sys.executable, "-c", "from ips.bench.memory import _child_main; _child_main()"]
     failed = dataclasses.asdict(case)
     failed.update(peak_rss_mb=None, peak_rss_above_baseline_mb=None, seconds=None)
     try:
@@ -374,11 +336,11 @@ def bench_memory(
         One record per measurement (see `run_memory_case`), in the order measured.
     """
     if input not in INPUTS:
-        raise ValueError(f"input must be one of {INPUTS}, got {input!r}")
+        raise InputError(f"input must be one of {INPUTS}, got {input!r}")
     methods = tuple(methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
-        raise ValueError(f"methods must be among {METHODS}, got {list(methods)}")
+        raise InputError(f"methods must be among {METHODS}, got {list(methods)}")
     positive = dict(
         batch_size=batch_size,
         memory_size=memory_size,
@@ -390,15 +352,15 @@ def bench_memory(
     )
     for name, value in positive.items():
         if int(value) != value or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
     if slide is not None:
         if input != "pixels":
-            raise ValueError("slide needs input 'pixels'")
+            raise InputError("slide needs input 'pixels'")
         if num_patches is not None:
-            raise ValueError("give num_patches or slide, not both: a slide's N is its tissue")
+            raise InputError("give num_patches or slide, not both: a slide's N is its tissue")
     sizes = list(DEFAULT_NUM_PATCHES if num_patches is None else num_patches)
     if not sizes or any(int(n) != n or n < 1 for n in sizes):
-        raise ValueError(f"num_patches must be positive integers, got {sizes}")
+        raise InputError(f"num_patches must be positive integers, got {sizes}")
 
     base = MemoryCase(
         method="ips",

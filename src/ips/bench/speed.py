@@ -36,12 +36,11 @@ equality is expected in fp32, reduced precision may swap near-ties.
 
 Peak memory of each measurement: on CUDA, the allocator's peak above what was allocated
 before; on the CPU, the process's resident high-water mark above the resident memory before
-(reset through `/proc/self/clear_refs`, Linux only; None elsewhere).
+(reset through `/proc/self/clear_refs`, Linux only; None elsewhere; see `ips.rss`).
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import functools
 import gc
@@ -58,12 +57,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ips.bench import _hwm_mb, _reset_peak, _rss_mb
 from ips.config import Config, TrainConfig, replace_fields
+from ips.errors import InputError
 from ips.heads import compute_loss
 from ips.model import IPSModel
+from ips.precision import autocast, native_bf16
+from ips.rss import peak_rss_since_reset_mb, release_free_heap, reset_peak_rss, rss_mb
 from ips.selection import eval_mode
-from ips.train import autocast, build_optimizer, native_bf16
+from ips.train import build_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -131,13 +132,13 @@ def make_speed_batch(
         seed: seed of the images and targets.
     """
     if input not in INPUTS:
-        raise ValueError(f"input must be one of {INPUTS}, got {input!r}")
+        raise InputError(f"input must be one of {INPUTS}, got {input!r}")
     model = config.model
     p = model.patch_size
     if p is None or model.encoder == "features":
-        raise ValueError("bench speed needs a pixel encoder with model.patch_size set")
+        raise InputError("bench speed needs a pixel encoder with model.patch_size set")
     if canvas < p:
-        raise ValueError(f"canvas must be at least model.patch_size = {p}, got {canvas}")
+        raise InputError(f"canvas must be at least model.patch_size = {p}, got {canvas}")
     g = torch.Generator().manual_seed(seed)
     if input == "mnist":
         patches, targets, grid = _mnist_batch(batch_size, canvas, p, mnist, seed)
@@ -215,9 +216,9 @@ class _Meter:
             torch.cuda.reset_peak_memory_stats(self.device)
             base = torch.cuda.memory_allocated(self.device)
         else:
-            _release_free_heap()
-            base = _rss_mb()
-            reset = _reset_peak() and base > 0
+            release_free_heap()
+            base = rss_mb()
+            reset = reset_peak_rss() and base > 0
         times = []
         for _ in range(self.repeats):
             start = time.perf_counter()
@@ -227,17 +228,8 @@ class _Meter:
         if cuda:
             peak = (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
         else:
-            peak = _hwm_mb() - base if reset else None
+            peak = peak_rss_since_reset_mb() - base if reset else None
         return statistics.median(times), None if peak is None else round(peak, 1)
-
-
-def _release_free_heap() -> None:
-    """Hand freed heap memory back to the OS (glibc), so that the next resident high-water
-    mark counts what the next operation allocates, not memory an earlier one left cached."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 # ---- the measured operations ---------------------------------------------------------------
@@ -427,9 +419,9 @@ def bench_speed(
     """
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
-        raise ValueError(f"variants: unknown {unknown}; choose from {sorted(VARIANTS)}")
+        raise InputError(f"variants: unknown {unknown}; choose from {sorted(VARIANTS)}")
     if repeats < 1 or warmup < 0:
-        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+        raise InputError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
     if threads is not None:
         torch.set_num_threads(threads)
     device = torch.device(device)
