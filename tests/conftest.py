@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TEST_DATA = Path(__file__).resolve().parent / "data"  # real data shipped with the tests
+MNIST_TINY = TEST_DATA / "mnist_tiny.npz"  # 30 train + 10 test MNIST digits per class
+CMU_SVS = TEST_DATA / "cmu_small_region.svs"  # a real Aperio slide crop, 2220 x 2967 px
 
 TINY = dict(
     embed_dim=16,
@@ -85,3 +87,33 @@ def random_digits(seed: int = 0):
     images = rng.integers(0, 256, (60, 28, 28), dtype=np.uint8)
     labels = np.arange(60, dtype=np.int64) % 10
     return MnistDigits(images[:40], labels[:40], images[40:], labels[40:], source="noise")
+
+
+def megapixel_mnist_test_metrics(checkpoint: Path, data: Path) -> dict[str, float]:
+    """Majority accuracy, multi exact match and multi label accuracy of a checkpoint on the test
+    split of a Megapixel MNIST file, computed here from the model's logits and the targets the
+    file stores: the values `ips eval` must report. The test split goes in as one batch, with
+    the checkpoint's precision; the checkpoint must have been trained with
+    ``selection.shuffle=false`` so that the selection does not depend on a generator."""
+    import numpy as np
+
+    from ips.data.megapixel_mnist import MegapixelMNIST
+    from ips.model import load_model_and_config
+    from ips.precision import autocast
+
+    model, config = load_model_and_config(checkpoint)
+    assert not config.selection.shuffle, "train with selection.shuffle=false"
+    dataset = MegapixelMNIST(data, "test", patch_size=config.model.patch_size)
+    patches = torch.stack([dataset[i]["patches"] for i in range(len(dataset))])  # (B, N, 1, P, P)
+    mask = torch.ones(patches.shape[:2], dtype=torch.bool)  # (B, N)
+    with torch.no_grad(), autocast(torch.device("cpu"), config.train.amp):
+        logits = model.eval()(patches, mask, grid_shape=dataset.grid_shape).logits
+    with np.load(data) as npz:
+        majority = torch.from_numpy(npz["test_target_majority"].astype(np.int64))  # (B,)
+        multi = torch.from_numpy(npz["test_target_multi"].astype(bool))  # (B, 10)
+    hits = (logits["multi"].float() > 0) == multi  # a label is present when its logit is > 0
+    return {
+        "majority_accuracy": (logits["majority"].argmax(-1) == majority).float().mean().item(),
+        "multi_exact_match": hits.all(-1).float().mean().item(),
+        "multi_label_accuracy": hits.float().mean().item(),
+    }

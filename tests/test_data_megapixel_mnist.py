@@ -8,21 +8,17 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import MNIST_TINY
 from ips.data.megapixel_mnist import TASKS, MegapixelMNIST, generate_megapixel_mnist
 from ips.data.mnist import MnistDigits, load_mnist
 
-MNIST_NPZ = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist.npz"
 CANVAS = (200, 200)
 NUM_TRAIN, NUM_TEST = 20, 12
-
-needs_mnist = pytest.mark.skipif(not MNIST_NPZ.is_file(), reason=f"{MNIST_NPZ} not found")
 
 
 @pytest.fixture(scope="module")
 def digits() -> MnistDigits:
-    if not MNIST_NPZ.is_file():
-        pytest.skip(f"{MNIST_NPZ} not found")
-    return load_mnist(MNIST_NPZ)
+    return load_mnist(MNIST_TINY)
 
 
 @pytest.fixture(scope="module")
@@ -333,16 +329,35 @@ def small_digits(seed=0, train=30, test=10):
     )
 
 
-@needs_mnist
-def test_load_mnist_splits_the_x_y_npz_into_60000_train_and_10000_test():
-    digits = load_mnist(MNIST_NPZ)
+def test_load_mnist_splits_the_x_y_npz_into_60000_train_and_10000_test(tmp_path):
+    # the layout of the full MNIST file, with every row told apart by its first two pixels
+    rows = np.arange(70000)
+    x = np.zeros((70000, 28, 28), dtype=np.uint8)
+    x[:, 0, 0], x[:, 0, 1] = rows % 256, rows // 256
+    y = (rows * 7 % 10).astype(np.uint8)
+    path = tmp_path / "mnist.npz"
+    np.savez(path, x=x, y=y)
+    digits = load_mnist(path)
     assert digits.train_images.shape == (60000, 28, 28)
     assert digits.test_images.shape == (10000, 28, 28)
     assert digits.train_images.dtype == np.uint8 and digits.train_labels.dtype == np.int64
-    with np.load(MNIST_NPZ) as npz:
-        assert np.array_equal(digits.test_images[0], npz["x"][60000])
-        assert np.array_equal(digits.train_labels, npz["y"][:60000])
-    assert str(MNIST_NPZ) in digits.source
+    assert np.array_equal(digits.train_images, x[:60000])
+    assert np.array_equal(digits.test_images, x[60000:])
+    assert np.array_equal(digits.train_labels, y[:60000])
+    assert np.array_equal(digits.test_labels, y[60000:])
+    assert str(path) in digits.source
+    np.savez(path, x=x[1:], y=y[1:])
+    with pytest.raises(ValueError, match=r"mnist\.npz.*70000 rows"):
+        load_mnist(path)
+
+
+def test_the_shipped_tiny_mnist_holds_30_train_and_10_test_digits_of_every_class():
+    digits = load_mnist(MNIST_TINY)
+    assert np.bincount(digits.train_labels).tolist() == [30] * 10
+    assert np.bincount(digits.test_labels).tolist() == [10] * 10
+    train = {image.tobytes() for image in digits.train_images}
+    assert len(train) == 300 and not any(image.tobytes() in train for image in digits.test_images)
+    assert all(image.max() > 0 for image in digits.train_images)  # real digits, no blanks
 
 
 @pytest.mark.parametrize("layout", ["flat", "torchvision"])

@@ -153,18 +153,22 @@ def test_a_corrupt_file_is_reported_and_the_others_finish(tmp_path):
     assert [r["name"] for r in rows] == ["a", "b", "c"]
     assert rows[0]["error"] == rows[2]["error"] == ""
     assert "b.png" in rows[1]["error"] and rows[1]["label"] == ""
-    assert rows[0]["label"] != "" and 0 < float(rows[0]["label_prob"]) <= 1
     records = [
         json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
         for line in (out / "predictions.jsonl").read_text().splitlines()
     ]
     assert [r["error"] is None for r in records] == [True, False, True]
+    # the table gives the most likely class and its probability, the softmax of the logits
+    softmax = torch.tensor(records[0]["logits"]["label"], dtype=torch.float64).softmax(0)
+    assert rows[0]["label"] == str(int(softmax.argmax()))
+    assert float(rows[0]["label_prob"]) == pytest.approx(float(softmax.max()), rel=1e-5)
+    assert records[0]["probabilities"]["label"] == pytest.approx(softmax.tolist(), rel=1e-6)
     assert records[0]["selected"][0] == {
         "rank": 1,
         "id": OBJECT_ID,
         "x": OBJECT[0],
         "y": OBJECT[1],
-        "score": pytest.approx(records[0]["selected"][0]["score"]),
+        "score": pytest.approx(float(results[0].selected_scores[0]), rel=1e-6),
     }
     assert (out / "a" / "selected.geojson").is_file() and not (out / "b").exists()
     with pytest.raises(ValueError, match=r"b\.png"):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import CMU_SVS
 from ips.sources import (
     ArraySource,
     OpenSlideSource,
@@ -18,10 +19,6 @@ from ips.sources import (
     open_source,
     write_synthetic_slide,
 )
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-CMU_SVS = SHARED_DATA / "cmu_small_region.svs"
-needs_svs = pytest.mark.skipif(not CMU_SVS.exists(), reason=f"{CMU_SVS} not found")
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +70,6 @@ def test_tiff_and_openslide_read_identical_patches_of_a_lossless_pyramid(pyramid
     assert tiff.level_downsamples == slide.level_downsamples
 
 
-@needs_svs
 def test_tiff_and_openslide_read_identical_patches_of_a_real_svs():
     tiff = TiffSource(CMU_SVS, patch_size=224, stride=200)
     slide = OpenSlideSource(CMU_SVS, patch_size=224, stride=200)
@@ -362,7 +358,6 @@ def test_open_source_picks_the_reader_by_suffix(pyramid, tmp_path):
     )
 
 
-@needs_svs
 def test_open_source_reads_svs_with_openslide():
     source = open_source(CMU_SVS, patch_size=256)
     assert isinstance(source, OpenSlideSource) and source.grid_shape == (11, 8)
@@ -457,7 +452,6 @@ def test_uncompressed_tiff_is_memory_mapped(tmp_path):
     assert source._levels[0].memmap is not None
 
 
-@needs_svs
 def test_svs_falls_back_to_tifffile_without_openslide(monkeypatch):
     import ips.sources.base as base
 

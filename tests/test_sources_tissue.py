@@ -1,12 +1,12 @@
 """Tissue masks: Otsu on thumbnails, mask images, GeoJSON polygons, patch filtering."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import CMU_SVS
 from ips.sources import (
     ArraySource,
     EmptyTissueError,
@@ -18,9 +18,6 @@ from ips.sources import (
     tissue_patch_ids,
     write_synthetic_slide,
 )
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-CMU_SVS = SHARED_DATA / "cmu_small_region.svs"
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +61,6 @@ def test_tissue_patch_ids_keep_patches_above_the_fraction():
     )
 
 
-@pytest.mark.skipif(not CMU_SVS.exists(), reason=f"{CMU_SVS} not found")
 @pytest.mark.parametrize("reader", [TiffSource, OpenSlideSource])
 def test_otsu_finds_tissue_on_a_real_slide(reader):
     full = reader(CMU_SVS, patch_size=224)
