@@ -11,7 +11,8 @@ from torch import nn
 import ips
 from conftest import random_patches
 from ips.aggregation import CrossAttentionPool
-from ips.selection import content_keys, eval_mode, identical_groups, select_patches
+from ips.dedup import content_keys, identical_groups
+from ips.selection import eval_mode, select_patches
 
 F_DIM, D = 6, 8
 

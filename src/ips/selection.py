@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-Encode = Callable[[Tensor], Tensor]  # (n, ...) patches -> (n, D) embeddings
+from ips.dedup import Encode, content_keys, duplicates, encode_batched, encode_distinct
+from ips.errors import InputError
+
 Score = Callable[[Tensor, Tensor, Tensor], Tensor]  # emb (B, K, D), ids, valid (B, K) -> (B, K)
 Observer = Callable[[Tensor, Tensor, Tensor], None]  # ids, scores, valid (B, K)
 
@@ -64,13 +66,13 @@ class PatchStore:
         self.patches = patches
         if isinstance(patches, Tensor):
             if patches.dim() < 3:
-                raise ValueError(
+                raise InputError(
                     f"patches must be (B, N, ...) with per-patch dims, got {tuple(patches.shape)}"
                 )
             self.batch_size, self.num_patches = patches.shape[:2]
             if mask is not None:
                 if tuple(mask.shape) != (self.batch_size, self.num_patches):
-                    raise ValueError(
+                    raise InputError(
                         f"mask must be (B, N) = {(self.batch_size, self.num_patches)}, "
                         f"got {tuple(mask.shape)}"
                     )
@@ -83,15 +85,15 @@ class PatchStore:
             )
         else:
             if mask is not None:
-                raise ValueError("mask is only for a padded tensor; a sequence carries lengths")
+                raise InputError("mask is only for a padded tensor; a sequence carries lengths")
             if len(patches) == 0:
-                raise ValueError("patches: got an empty batch")
+                raise InputError("patches: got an empty batch")
             self.batch_size = len(patches)
             self.lengths = torch.tensor([len(p) for p in patches])
             self.num_patches = int(self.lengths.max())
             self.mask = None
         if int(self.lengths.min()) == 0:
-            raise ValueError("every image needs at least one patch, got an image with none")
+            raise InputError("every image needs at least one patch, got an image with none")
 
     def valid(self, ids: Tensor) -> Tensor:
         """(B, k) bool: which ids are real patches."""
@@ -130,96 +132,6 @@ def to_device(x: Tensor, device: torch.device) -> Tensor:
     if device.type == "cuda" and x.device.type == "cpu":
         return x.pin_memory().to(device, non_blocking=True)
     return x.to(device)
-
-
-_KEY_WEIGHTS: dict[tuple[int, str], Tensor] = {}
-
-
-def content_keys(raw: Tensor, valid: Tensor) -> Tensor:
-    """A 64-bit key of each patch's content, laid out as valid (B, k); padded entries get
-    distinct keys of their own. Equal content gives equal keys within a process.
-
-    Args:
-        raw: (n_valid, ...) patches (integer or float).
-        valid: (B, k) bool.
-
-    Returns:
-        (B, k) int64 on the CPU.
-    """
-    flat = raw.reshape(raw.shape[0], -1)
-    if flat.device.type == "cpu":  # hashing the bytes of each row: a few ms for 1600 patches
-        rows = flat.contiguous().numpy()
-        hashed = torch.tensor([hash(row.tobytes()) for row in rows], dtype=torch.int64)
-    else:  # on an accelerator: fixed odd multipliers, int64 products wrap around
-        flat = flat.float().view(torch.int32) if flat.is_floating_point() else flat
-        width = flat.shape[1]
-        key = (width, str(flat.device))
-        if key not in _KEY_WEIGHTS:
-            g = torch.Generator().manual_seed(width)
-            weights = torch.randint(1, 2**62, (width,), generator=g) * 2 + 1
-            _KEY_WEIGHTS[key] = weights.to(flat.device)
-        hashed = (flat.long() * _KEY_WEIGHTS[key]).sum(1).cpu()  # (n_valid,)
-    keys = torch.iinfo(torch.int64).min + torch.arange(valid.numel()).view(valid.shape)
-    keys[valid] = hashed
-    return keys
-
-
-def identical_groups(patches: Tensor) -> tuple[Tensor, Tensor]:
-    """Group identical patches, exactly (equal bytes).
-
-    Args:
-        patches: (n, ...).
-
-    Returns:
-        first: (u,) index of one member of each group; inverse: (n,) the group of each patch,
-        so that ``patches[first][inverse]`` equals ``patches``. Both on the patches' device.
-    """
-    n = patches.shape[0]
-    flat = patches.reshape(n, -1)
-    if flat.device.type != "cpu":
-        _, inverse = torch.unique(flat, dim=0, return_inverse=True)
-        first = torch.full((int(inverse.max()) + 1,), n, device=flat.device)
-        first.scatter_reduce_(0, inverse, torch.arange(n, device=flat.device), "amin")
-        return first, inverse
-    # a dict of row bytes: linear time, where sorting rows (torch.unique(dim=0)) is ~50x slower
-    groups: dict[bytes, int] = {}
-    inverse_list, first_list = [], []
-    for i, row in enumerate(flat.contiguous().numpy()):
-        group = groups.setdefault(row.tobytes(), len(groups))
-        if group == len(first_list):
-            first_list.append(i)
-        inverse_list.append(group)
-    return torch.tensor(first_list, dtype=torch.long), torch.tensor(inverse_list, dtype=torch.long)
-
-
-def duplicates(keys: Tensor, valid: Tensor) -> Tensor:
-    """(B, K) True for every valid entry whose key an earlier entry of its row already has."""
-    sorted_keys, order = keys.sort(dim=1, stable=True)
-    repeated = sorted_keys[:, 1:] == sorted_keys[:, :-1]
-    out = torch.zeros_like(valid)
-    out.scatter_(1, order[:, 1:], repeated)
-    return out & valid
-
-
-def encode_batched(encode: Encode, patches: Tensor, batch_size: int | None = None) -> Tensor:
-    """Encode (n, ...) patches in micro-batches of ``batch_size``: (n, D)."""
-    n = patches.shape[0]
-    step = max(1, n if batch_size is None else batch_size)
-    parts = [encode(patches[i : i + step]) for i in range(0, n, step)]
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
-
-
-def encode_distinct(encode: Encode, patches: Tensor, batch_size: int | None = None) -> Tensor:
-    """Encode each distinct patch once and share its embedding with its copies: (n, D).
-
-    Exact only where the encoder treats patches independently (eval mode): then identical
-    patches (blank background, glass, padding) have identical embeddings.
-    """
-    first, inverse = identical_groups(patches)
-    if len(first) == patches.shape[0]:
-        return encode_batched(encode, patches, batch_size)
-    emb = encode_batched(encode, patches[first], batch_size)  # (u, D)
-    return emb[inverse.to(emb.device)]
 
 
 def embed_valid(
@@ -300,93 +212,185 @@ def select_patches(
         Selection with ids, scores and mask of shape (B, min(M, N)), best first.
     """
     if memory_size <= 0:
-        raise ValueError(f"memory_size (M) must be a positive integer, got {memory_size}")
+        raise InputError(f"memory_size (M) must be a positive integer, got {memory_size}")
     if chunk_size <= 0:
-        raise ValueError(f"chunk_size (I) must be a positive integer, got {chunk_size}")
+        raise InputError(f"chunk_size (I) must be a positive integer, got {chunk_size}")
     store = PatchStore(patches, mask)
     if device is None:
         device = patches.device if isinstance(patches, Tensor) else torch.device("cpu")
     device = torch.device(device)
-    B, N = store.batch_size, store.num_patches
     M, I = memory_size, chunk_size
-
-    # one random visiting order, shared by the batch; original ids travel with the patches
-    if shuffle:
-        order = torch.randperm(N, generator=generator)  # (N,)
-    else:
-        order = torch.arange(N)
-    order = order.unsqueeze(0).expand(B, -1)  # (B, N)
-
-    def load(ids: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        valid = store.valid(ids)
-        raw = store.read(ids, valid)
-        return raw, valid, content_keys(raw, valid) if distinct else None
 
     def embed(raw: Tensor, valid: Tensor) -> Tensor:
         raw = to_device(raw, device)
         return embed_valid(encode, raw, valid, batch_size=encoder_batch_size, dedup=dedup)
 
-    # the next chunk is read in a background thread while the current one is encoded, as long
-    # as that keeps at most M + I raw patches resident (true whenever I <= M)
-    lazy = not (isinstance(patches, Tensor) and patches.device == device)
-    starts = list(range(min(M, N), N, I))
-    with ThreadPoolExecutor(max_workers=1) if lazy else contextlib.nullcontext() as pool:
+    def rank(candidates: Candidates, *, distinct: bool = distinct) -> Tensor:
+        return score_candidates(score, candidates, device, observe=observe, distinct=distinct)
 
-        def fetch(start: int) -> Any:
-            ids = order[:, start : start + I]
-            return pool.submit(load, ids) if pool is not None else load(ids)
-
-        def result(pending: Any) -> tuple[Tensor, Tensor, Tensor | None]:
-            return pending.result() if pool is not None else pending
-
-        memory_ids = order[:, :M]  # (B, M)
-        raw, memory_valid, memory_keys = load(memory_ids)
-        pending = fetch(starts[0]) if starts else None
-        memory = embed(raw, memory_valid)  # (B, M, D)
-        del raw
-        memory_scores = None
-        for i, start in enumerate(starts):
-            raw, chunk_valid, chunk_keys = result(pending)
-            chunk_ids = order[:, start : start + I]  # (B, I)
-            prefetch = pool is not None and i + 1 < len(starts) and I <= M
-            pending = fetch(starts[i + 1]) if prefetch else None
-            chunk = embed(raw, chunk_valid)  # (B, I, D)
-            del raw
-            if not prefetch and i + 1 < len(starts):
-                pending = fetch(starts[i + 1])
-
-            candidates = torch.cat([memory, chunk], dim=1)  # (B, M + I, D)
-            candidate_ids = torch.cat([memory_ids, chunk_ids], dim=1)  # (B, M + I)
-            candidate_valid = torch.cat([memory_valid, chunk_valid], dim=1)  # (B, M + I)
-            on_device = candidate_valid.to(device)
-            scores = score(candidates, candidate_ids.to(device), on_device)  # (B, M + I)
-            scores = scores.float().masked_fill(~on_device, float("-inf"))
-            if observe is not None:
-                observe(candidate_ids, scores.cpu(), candidate_valid)
-            if distinct:  # one copy of identical patches competes; the others drop out
-                candidate_keys = torch.cat([memory_keys, chunk_keys], dim=1)  # (B, M + I)
-                copies = duplicates(candidate_keys, candidate_valid).to(device)
-                scores = scores.masked_fill(copies, float("-inf"))
+    order = visiting_order(store, shuffle=shuffle, generator=generator)  # (B, N)
+    with ChunkStream(store, order, M, I, embed=embed, keys=distinct, device=device) as stream:
+        memory, memory_scores = stream.memory(), None  # the first M patches, (B, M, D)
+        for chunk in stream:  # each next I patches, encoded: (B, I, D)
+            candidates = memory.cat(chunk)  # (B, M + I, D)
+            scores = rank(candidates)  # (B, M + I); -inf for padding and dropped copies
             memory_scores, keep = scores.topk(M, dim=1)  # (B, M)
-            memory = candidates.gather(1, keep[..., None].expand(-1, -1, candidates.shape[-1]))
-            keep = keep.cpu()
-            memory_ids = candidate_ids.gather(1, keep)
-            memory_valid = candidate_valid.gather(1, keep) & memory_scores.isfinite().cpu()
-            if distinct:
-                memory_keys = candidate_keys.gather(1, keep)
-
+            memory = candidates.take(keep, finite=memory_scores.isfinite())
     if memory_scores is None:  # N <= M: nothing to select, score the patches once for display
-        on_device = memory_valid.to(device)
-        memory_scores = score(memory, memory_ids.to(device), on_device).float()
-        memory_scores = memory_scores.masked_fill(~on_device, float("-inf"))
-        if observe is not None:
-            observe(memory_ids, memory_scores.cpu(), memory_valid)
-    # best first; padded entries last
-    memory_scores, rank = memory_scores.sort(dim=1, descending=True)
+        memory_scores = rank(memory, distinct=False)
+    return best_first(memory, memory_scores)
+
+
+class Candidates(NamedTuple):
+    """Patches competing for the memory: embeddings and what travels with them.
+
+    emb: (B, K, D) on the encoder's device. ids: (B, K) original patch indices. valid: (B, K)
+    True for real patches. keys: (B, K) content keys (``distinct``), else None.
+    """
+
+    emb: Tensor
+    ids: Tensor
+    valid: Tensor
+    keys: Tensor | None
+
+    def cat(self, other: Candidates) -> Candidates:
+        """This set and ``other`` side by side: (B, K + K', ...)."""
+        keys = None if self.keys is None else torch.cat([self.keys, other.keys], dim=1)
+        return Candidates(
+            torch.cat([self.emb, other.emb], dim=1),
+            torch.cat([self.ids, other.ids], dim=1),
+            torch.cat([self.valid, other.valid], dim=1),
+            keys,
+        )
+
+    def take(self, keep: Tensor, finite: Tensor) -> Candidates:
+        """The candidates at ``keep`` (B, M); those whose score was not ``finite`` (padding,
+        dropped copies) become invalid."""
+        emb = self.emb.gather(1, keep[..., None].expand(-1, -1, self.emb.shape[-1]))
+        keep = keep.cpu()
+        keys = None if self.keys is None else self.keys.gather(1, keep)
+        return Candidates(
+            emb, self.ids.gather(1, keep), self.valid.gather(1, keep) & finite.cpu(), keys
+        )
+
+
+def visiting_order(
+    store: PatchStore, *, shuffle: bool, generator: torch.Generator | None
+) -> Tensor:
+    """(B, N) the order patches are visited in: one random permutation shared by the batch
+    (so ties, e.g. blank patches, do not always favour the first ones), or raster order."""
+    N = store.num_patches
+    order = torch.randperm(N, generator=generator) if shuffle else torch.arange(N)
+    return order.unsqueeze(0).expand(store.batch_size, -1)
+
+
+def score_candidates(
+    score: Score,
+    candidates: Candidates,
+    device: torch.device,
+    *,
+    observe: Observer | None = None,
+    distinct: bool = False,
+) -> Tensor:
+    """(B, K) float scores of a candidate set: -inf for padding, reported to ``observe``;
+    with ``distinct`` every copy of a patch after its first also gets -inf."""
+    valid = candidates.valid.to(device)
+    scores = score(candidates.emb, candidates.ids.to(device), valid).float()
+    scores = scores.masked_fill(~valid, float("-inf"))
+    if observe is not None:
+        observe(candidates.ids, scores.cpu(), candidates.valid)
+    if distinct:  # one copy of identical patches competes; the others drop out
+        copies = duplicates(candidates.keys, candidates.valid).to(device)
+        scores = scores.masked_fill(copies, float("-inf"))
+    return scores
+
+
+def best_first(memory: Candidates, scores: Tensor) -> Selection:
+    """The memory sorted by score, padded entries last, with score 0."""
+    scores, rank = scores.sort(dim=1, descending=True)
     rank = rank.cpu()
-    ids, valid = memory_ids.gather(1, rank), memory_valid.gather(1, rank)
-    scores = memory_scores.masked_fill(~valid.to(memory_scores.device), 0.0).cpu()
-    return Selection(ids.clone(), scores.clone(), valid.clone())
+    ids, valid = memory.ids.gather(1, rank), memory.valid.gather(1, rank)
+    return Selection(ids, scores.masked_fill(~valid.to(scores.device), 0.0).cpu(), valid)
+
+
+class ChunkStream:
+    """The patches of one visiting order, read and encoded: the first M, then chunks of I.
+
+    For lazy containers the next chunk is read in a background thread while the current one
+    is encoded, as long as that keeps at most M + I raw patches resident (whenever I <= M);
+    otherwise it is read once the current chunk is encoded.
+
+    Args:
+        store: the batch's patches.
+        order: (B, N) the visiting order.
+        memory_size, chunk_size: M and I.
+        embed: ``embed(raw, valid) -> (B, k, D)``.
+        keys: also compute content keys (for ``distinct``).
+        device: where encoding happens (patches already there are not prefetched).
+    """
+
+    def __init__(
+        self,
+        store: PatchStore,
+        order: Tensor,
+        memory_size: int,
+        chunk_size: int,
+        *,
+        embed: Callable[[Tensor, Tensor], Tensor],
+        keys: bool,
+        device: torch.device,
+    ):
+        self.store, self.order, self.embed, self.keys = store, order, embed, keys
+        self.M, self.I = memory_size, chunk_size
+        N = store.num_patches
+        self.starts = list(range(min(self.M, N), N, self.I))
+        patches = store.patches
+        self.lazy = not (isinstance(patches, Tensor) and patches.device == device)
+        self.pool: ThreadPoolExecutor | None = None
+
+    def __enter__(self) -> ChunkStream:
+        if self.lazy:
+            self.pool = ThreadPoolExecutor(max_workers=1)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+    def memory(self) -> Candidates:
+        """The first M patches, encoded; the first chunk starts being read meanwhile."""
+        ids = self.order[:, : self.M]  # (B, M)
+        raw, valid, keys = self._load(ids)
+        self._pending = self._fetch(0) if self.starts else None
+        return Candidates(self.embed(raw, valid), ids, valid, keys)
+
+    def __iter__(self) -> Iterator[Candidates]:
+        early = self.pool is not None and self.I <= self.M  # M + I raw patches at most
+        for i in range(len(self.starts)):
+            raw, valid, keys = self._result(self._pending)
+            more = i + 1 < len(self.starts)
+            self._pending = self._fetch(i + 1) if early and more else None
+            emb = self.embed(raw, valid)  # (B, I, D)
+            del raw
+            if more and not early:
+                self._pending = self._fetch(i + 1)
+            yield Candidates(emb, self._chunk_ids(i), valid, keys)
+
+    def _chunk_ids(self, i: int) -> Tensor:
+        start = self.starts[i]
+        return self.order[:, start : start + self.I]  # (B, I)
+
+    def _load(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        valid = self.store.valid(ids)
+        raw = self.store.read(ids, valid)
+        return raw, valid, content_keys(raw, valid) if self.keys else None
+
+    def _fetch(self, i: int) -> Any:
+        ids = self._chunk_ids(i)
+        return self.pool.submit(self._load, ids) if self.pool is not None else self._load(ids)
+
+    def _result(self, pending: Any) -> tuple[Tensor, Tensor, Tensor | None]:
+        return pending.result() if self.pool is not None else pending
 
 
 def gather_patches(
@@ -404,3 +408,43 @@ def gather_patches(
     store = PatchStore(patches, mask)
     raw = store.read(selection.ids, selection.mask)
     return to_device(raw, torch.device(device) if device is not None else raw.device)
+
+
+class ScoreMap:
+    """Collects the selection score of every patch, on one scale, as an ``observe`` hook.
+
+    Each candidate set's scores are attention shares normalised over that set, so a patch
+    scored early, beside other candidates, is not comparable as it stands with one scored
+    late. Consecutive sets share the patches kept in memory: the mean difference of their log
+    scores between the two sets is the change of normaliser (exact with one head and one
+    query, a mean over heads and queries otherwise). Every patch keeps the last score it got,
+    moved onto the scale of the last set; so the selected patches keep their final scores and
+    the order of all scores is the order of a single global pass.
+
+    Args:
+        lengths: N of each image of the batch.
+    """
+
+    def __init__(self, lengths: Sequence[int]):
+        self._log = [np.full(n, np.nan) for n in lengths]  # last log score + its set's offset
+        self._offset = [0.0] * len(lengths)  # offset of the latest set, per image
+
+    def __call__(self, ids: Tensor, scores: Tensor, valid: Tensor) -> None:
+        """Args: ids, scores, valid: (B, K) one scored candidate set per image."""
+        for b, log in enumerate(self._log):
+            keep = valid[b].numpy()
+            where = ids[b].numpy()[keep]
+            with np.errstate(divide="ignore"):
+                new = np.log(scores[b].numpy()[keep].astype(np.float64))  # (k,)
+            before = log[where]
+            again = np.isfinite(before) & np.isfinite(new)  # patches kept from the last set
+            if again.any():
+                self._offset[b] = float(np.mean(before[again] - new[again]))
+            log[where] = new + self._offset[b]
+
+    def scores(self) -> list[np.ndarray]:
+        """Per image (N_b,) float32 scores on the scale of its last set; NaN if never scored."""
+        return [
+            np.exp(log - offset).astype(np.float32)
+            for log, offset in zip(self._log, self._offset, strict=True)
+        ]
