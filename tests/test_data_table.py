@@ -18,9 +18,9 @@ from ips.config import Config, DataConfig, GridConfig, ModelConfig, TaskSpec, lo
 from ips.data.registry import build_dataset, build_validation, resolve_config
 from ips.data.table import ImageDataset, encode_labels, read_table, resolve_tasks
 from ips.heads import compute_loss
+from ips.metrics import MetricTracker
 from ips.sources import tissue
 from ips.sources.grid_cache import GridCache
-from ips.train import MetricTracker
 
 SIDE, PATCH = 32, 8  # images of 32 x 32 pixels: 16 patches of 8
 

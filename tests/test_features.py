@@ -320,11 +320,11 @@ def test_bags_record_the_weights_digest_and_refuse_other_weights(tmp_path):
 def test_auto_precision_is_bf16_where_the_cpu_has_bf16_units_and_the_bag_says_so(
     tmp_path, monkeypatch
 ):
-    from ips import train
+    from ips import precision
 
     (tmp_path / "slides").mkdir()
     slide = write_synthetic_slide(tmp_path / "slides" / "s.tif", width=256, height=256, seed=1)
-    monkeypatch.setattr(train, "native_bf16", lambda device: True)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
     extract_features(slide.path, tmp_path / "out", **{**FAST, "amp": "auto"})
     with h5py.File(tmp_path / "out" / "s.h5", "r") as f:
         assert f.attrs["amp"] == "bf16" and json.loads(f.attrs["extraction"])["amp"] == "bf16"

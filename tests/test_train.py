@@ -7,20 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_DATA
+from conftest import MNIST_TINY
 from ips.config import TrainConfig, load_config
 from ips.data import generate_megapixel_mnist, load_mnist
+from ips.metrics import roc_auc
 from ips.model import load_checkpoint
-from ips.train import (
-    autocast,
-    evaluate_checkpoint,
-    fit,
-    lr_factor,
-    native_bf16,
-    parameter_groups,
-    resolve_amp,
-    roc_auc,
-)
+from ips.precision import autocast, native_bf16, resolve_amp
+from ips.train import evaluate_checkpoint, fit, lr_factor, parameter_groups
 
 TINY_RUN = [
     "model.embed_dim=16",
@@ -38,8 +31,7 @@ TINY_RUN = [
 
 @pytest.fixture(scope="module")
 def tiny_mnist(tmp_path_factory):
-    mnist = SHARED_DATA / "mnist.npz"
-    digits = load_mnist(mnist if mnist.exists() else None, download=False)
+    digits = load_mnist(MNIST_TINY)
     path = tmp_path_factory.mktemp("data") / "mm.npz"
     return generate_megapixel_mnist(
         path, digits, num_train=32, num_test=16, canvas_size=(150, 150), num_noise=2, seed=1

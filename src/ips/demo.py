@@ -24,8 +24,10 @@ import torch
 from ips.config import load_config, resolve_config_path
 from ips.data import MegapixelMNIST, generate_megapixel_mnist, load_mnist
 from ips.heads import predictions
+from ips.metrics import nest_metrics
 from ips.model import load_model
-from ips.train import evaluate_checkpoint, fit, nest_metrics, precision_name, resolve_amp
+from ips.precision import precision_name, resolve_amp
+from ips.train import evaluate_checkpoint, fit
 
 log = logging.getLogger(__name__)
 

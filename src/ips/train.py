@@ -19,35 +19,37 @@ import json
 import logging
 import math
 import os
-import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from ips import distributed
-from ips.aggregation import masked_mean_entropy
-from ips.config import AMP_MODES, Config, TrainConfig, config_from_dict, save_config
+from ips import progress as bars
+from ips.config import Config, TrainConfig, config_from_dict, save_config
 from ips.data.augment import build_augment
 from ips.data.collate import SkipErrors, collate_patches
 from ips.data.registry import build_dataset, build_validation, resolve_config
 from ips.distributed import EvalBatchSampler, TrainBatchSampler, balanced_weights
 from ips.encoders import with_weights_normalization
-from ips.errors import one_line
+from ips.errors import InputError, MissingFileError, TrainingError, one_line
 from ips.files import atomic_write
-from ips.heads import compute_loss, known, predictions, probabilities
+from ips.heads import compute_loss
+from ips.metrics import MAIN_METRIC, MetricTracker, main_metric, selection_diagnostics
 from ips.model import IPSModel, load_checkpoint, save_checkpoint, weights_mismatch
+from ips.precision import autocast, precision_name, resolve_amp
+from ips.rss import max_rss_mb
+from ips.selection import eval_mode
 from ips.sources.base import CannotReadError
 
 log = logging.getLogger(__name__)
 
-MAIN_METRIC = "val_main"
 READ_ERRORS = (CannotReadError, OSError)  # patches of a lazy source that cannot be read
 
 
@@ -103,170 +105,6 @@ def build_optimizer(
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bfloat16 matrix products in hardware: CUDA GPUs from Ampere
-    on, x86 CPUs with AVX512-BF16 or AMX, Arm CPUs with BF16 instructions. Elsewhere bf16
-    autocast is emulated, and on an AVX2 CPU ~9x slower than float32."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
-    if device.type != "cpu" or not hasattr(torch.cpu, "get_capabilities"):  # torch < 2.8
-        return False
-    caps = torch.cpu.get_capabilities()
-    return any(caps.get(k, False) for k in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16"))
-
-
-def resolve_amp(device: torch.device, amp: str) -> str:
-    """The precision ``amp`` means on ``device``: "auto" is "bf16" where the device has native
-    bf16 (`native_bf16`), else "none"; "none", "bf16" and "fp16" stay as they are."""
-    if amp not in AMP_MODES:
-        raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
-    if amp == "auto":
-        return "bf16" if native_bf16(device) else "none"
-    return amp
-
-
-def precision_name(amp: str) -> str:
-    """How a resolved ``amp`` reads in logs: "float32" or "bf16 autocast" / "fp16 autocast"."""
-    return "float32" if amp == "none" else f"{amp} autocast"
-
-
-def autocast(
-    device: torch.device, amp: str, *, option: str = "train.amp"
-) -> contextlib.AbstractContextManager:
-    """Autocast context for ``amp`` ("auto", "none", "bf16", "fp16"; see `resolve_amp`);
-    ``option`` names the setting in errors."""
-    device = torch.device(device)
-    amp = resolve_amp(device, amp)
-    if amp == "none":
-        return contextlib.nullcontext()
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError(f"{option}: fp16 needs a CUDA device; use bf16 on CPU")
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-# ---- metrics --------------------------------------------------------------------------------
-
-
-def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with average ranks for ties); NaN if a class
-    is absent."""
-    labels = labels.astype(bool)
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):  # average ranks over ties
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-class MetricTracker:
-    """Accumulates logits and targets over an epoch and reports per-task metrics."""
-
-    def __init__(self, tasks):
-        self.tasks = tasks
-        self.logits: dict[str, list[Tensor]] = {t.name: [] for t in tasks}
-        self.targets: dict[str, list[Tensor]] = {t.name: [] for t in tasks}
-        self.losses: list[float] = []
-        self.sizes: list[int] = []
-        self.extra: dict[str, list[float]] = {}
-
-    def update(self, logits: Mapping[str, Tensor], targets: Mapping[str, Tensor], loss: float):
-        for t in self.tasks:
-            self.logits[t.name].append(logits[t.name].detach().float().cpu())
-            self.targets[t.name].append(targets[t.name].detach().cpu())
-        size = len(next(iter(targets.values())))
-        self.losses.append(loss * size)
-        self.sizes.append(size)
-
-    def add(self, name: str, values: Iterable[float]) -> None:
-        self.extra.setdefault(name, []).extend(float(v) for v in values)
-
-    @classmethod
-    def merged(cls, trackers: Sequence[MetricTracker]) -> MetricTracker:
-        """One tracker holding the updates of ``trackers`` (e.g. one per process), in order."""
-        out = cls(trackers[0].tasks)
-        for tracker in trackers:
-            for name in out.logits:
-                out.logits[name] += tracker.logits[name]
-                out.targets[name] += tracker.targets[name]
-            out.losses += tracker.losses
-            out.sizes += tracker.sizes
-            for name, values in tracker.extra.items():
-                out.add(name, values)
-        return out
-
-    def compute(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        if self.sizes:
-            out["loss"] = sum(self.losses) / sum(self.sizes)
-        for task in self.tasks:
-            if not self.logits[task.name]:
-                continue
-            logits = torch.cat(self.logits[task.name])
-            target = torch.cat(self.targets[task.name])
-            keep = known(target, task)  # images whose label is known for this task
-            if not bool(keep.any()):
-                continue
-            logits, target = logits[keep], target[keep]
-            pred = predictions(logits, task)
-            if task.kind == "multiclass":
-                out[f"{task.name}/accuracy"] = (pred == target.long()).float().mean().item()
-            elif task.kind == "multilabel":
-                hits = pred == target.long()
-                out[f"{task.name}/exact_match"] = hits.all(1).float().mean().item()
-                out[f"{task.name}/label_accuracy"] = hits.float().mean().item()
-            else:
-                prob = probabilities(logits, task).numpy()
-                out[f"{task.name}/auc"] = roc_auc(prob, target.numpy())
-                out[f"{task.name}/accuracy"] = (pred == target.long()).float().mean().item()
-        for name, values in self.extra.items():
-            out[name] = float(np.mean(values)) if values else float("nan")
-        return out
-
-
-def main_metric(metrics: Mapping[str, float], tasks) -> float:
-    """The number that picks the best checkpoint: mean of each task's headline metric."""
-    keys = {"multiclass": "accuracy", "multilabel": "exact_match", "binary": "auc"}
-    values = [metrics.get(f"{t.name}/{keys[t.kind]}", float("nan")) for t in tasks]
-    values = [v for v in values if not math.isnan(v)]
-    return float(np.mean(values)) if values else -metrics.get("loss", float("inf"))
-
-
-def selection_diagnostics(
-    dataset: Dataset, index: Tensor, selected: Tensor, mask: Tensor, attention: Tensor
-) -> dict[str, list[float]]:
-    """Per-image signals that catch selection collapse.
-
-    ``foreground_share``: share of the kept patches that hold an object (datasets that know,
-    e.g. Megapixel MNIST); ``attention_entropy``: entropy of the pooling attention over the
-    kept patches, as a fraction of its maximum log(K) (1 = uniform, 0 = one patch).
-    """
-    out: dict[str, list[float]] = {}
-    weights = attention.detach().float().unsqueeze(1)  # (B, 1, T, K)
-    entropy = masked_mean_entropy(weights, mask.to(weights.device)).cpu()
-    k = mask.sum(1).clamp_min(2).float()
-    out["attention_entropy"] = (entropy / k.log()).tolist()
-    foreground = getattr(dataset, "foreground_patches", None)
-    if foreground is not None:
-        shares = []
-        for b, i in enumerate(index.tolist()):
-            fg = torch.from_numpy(np.asarray(foreground(i)))
-            ids = selected[b][mask[b]]
-            shares.append(fg[ids].float().mean().item() if len(ids) else 0.0)
-        out["foreground_share"] = shares
-    return out
-
-
 # ---- loops ----------------------------------------------------------------------------------
 
 
@@ -277,15 +115,19 @@ def _forward(
     generator,
     amp: str,
     augment: Callable[[Tensor], Tensor] | None = None,
+    grid_shape: tuple[int, int] | None = None,
 ):
     """Selection, then the gradient pass, of ``model`` (an IPSModel, possibly inside
     DistributedDataParallel) on one batch; returns the output, mean loss and targets."""
     core = distributed.unwrap(model)
     targets = {k: v.to(device) for k, v in batch["targets"].items()}
-    grid = getattr(core, "grid_shape", None)
     with autocast(device, amp):
         out = model(
-            batch["patches"], batch["mask"], grid_shape=grid, generator=generator, augment=augment
+            batch["patches"],
+            batch["mask"],
+            grid_shape=grid_shape,
+            generator=generator,
+            augment=augment,
         )
     loss, _ = compute_loss(out.logits, targets, core.tasks)
     return out, loss, targets
@@ -304,11 +146,13 @@ def train_one_epoch(
     progress: Callable[[Iterable], Iterable] | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     augment: Callable[[Tensor], Tensor] | None = None,
+    grid_shape: tuple[int, int] | None = None,
     skip_errors: bool = False,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns the epoch's training metrics (over all processes).
 
-    ``augment`` changes the kept patches of the gradient pass (see `IPSModel.forward`). With
+    ``augment`` changes the kept patches of the gradient pass (see `IPSModel.forward`);
+    ``grid_shape`` (rows, cols) gives 2-D positional encodings over tensor batches. With
     ``skip_errors`` (``data.on_error: skip``) a step whose patches cannot be read during
     selection (a corrupt tile of a lazily read slide) is left out and its images counted as
     skipped (one process only; several processes stop).
@@ -329,7 +173,7 @@ def train_one_epoch(
     planned = isinstance(sampler, TrainBatchSampler)
     world_size = sampler.world_size if planned else 1
     if parallel != (world_size > 1):
-        raise ValueError(
+        raise InputError(
             "a model in DistributedDataParallel needs a loader from make_train_loader with the "
             "process group's world_size, and such a loader needs the wrapped model"
         )
@@ -369,14 +213,16 @@ def train_one_epoch(
             synced = i == len(parts) - 1 or not parallel
             with contextlib.nullcontext() if synced else model.no_sync():
                 try:
-                    out, loss, targets = _forward(model, batch, device, generator, cfg.amp, augment)
+                    out, loss, targets = _forward(
+                        model, batch, device, generator, cfg.amp, augment, grid_shape
+                    )
                 except READ_ERRORS as err:  # a tile of a lazy slide that cannot be decoded
                     if not skip_errors or parallel:  # other processes cannot skip with us
                         raise
                     unreadable = err
                     break
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(
+                    raise TrainingError(
                         f"the training loss became {loss.item()} at step {scheduler.last_epoch}; "
                         "the last good checkpoint is kept (lower train.lr or set train.grad_clip)"
                     )
@@ -454,11 +300,13 @@ def evaluate(
     amp: str = "none",
     seed: int = 0,
     progress: Callable[[Iterable], Iterable] | None = None,
+    grid_shape: tuple[int, int] | None = None,
     skip_errors: bool = False,
 ) -> dict[str, float]:
     """Metrics per task (accuracy, exact match and label accuracy, AUC), the loss, and the
-    selection diagnostics, with the model in eval mode. With ``skip_errors`` a batch whose
-    patches cannot be read is left out and counted as skipped (one process only).
+    selection diagnostics, with the model in eval mode. ``grid_shape``: (rows, cols) for 2-D
+    positional encodings over tensor batches. With ``skip_errors`` a batch whose patches
+    cannot be read is left out and counted as skipped (one process only).
 
     The selection order of batch k is seeded by (``seed``, k), so a batch gives the same
     result whichever process evaluates it: with a loader from ``make_eval_loader`` each
@@ -466,21 +314,21 @@ def evaluate(
     which gives the metrics of one process evaluating them all.
     """
     core = distributed.unwrap(model)  # no DDP forward: processes evaluate different numbers
-    was_training = core.training
-    core.eval()
     sampler = loader.batch_sampler
     sharded = isinstance(sampler, EvalBatchSampler) and sampler.world_size > 1
     batch_ids = sampler.batch_ids if isinstance(sampler, EvalBatchSampler) else range(len(loader))
     records = []  # (batch number, logits, targets, loss, diagnostics)
     skipped = 0
-    try:
+    with eval_mode(core):
         for k, batch in zip(batch_ids, progress(loader) if progress else loader, strict=True):
             skipped += _report_skipped(batch)
             if not len(batch["index"]):
                 continue
             generator = torch.Generator().manual_seed(seed * 1_000_033 + k)
             try:
-                out, loss, targets = _forward(core, batch, device, generator, amp)
+                out, loss, targets = _forward(
+                    core, batch, device, generator, amp, grid_shape=grid_shape
+                )
             except READ_ERRORS as err:
                 if not skip_errors or sharded:
                     raise
@@ -493,8 +341,6 @@ def evaluate(
             logits = {name: value.float().cpu() for name, value in out.logits.items()}
             targets = {name: value.cpu() for name, value in targets.items()}
             records.append((k, logits, targets, loss.item(), diagnostics))
-    finally:
-        core.train(was_training)
     if sharded:
         gathered = [record for part in distributed.all_gather(records) for record in part]
         records = sorted(gathered, key=lambda record: record[0])  # batch order
@@ -601,7 +447,7 @@ def _balance_weights(dataset: Dataset, task: str | None) -> list[float] | None:
         return None
     targets = getattr(dataset, "targets", None)
     if not callable(targets):
-        raise ValueError(
+        raise InputError(
             f"data.balance: the {type(dataset).__name__} dataset does not give its labels "
             "without reading every image; leave data.balance out"
         )
@@ -646,6 +492,24 @@ def _seed_epoch(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 7_919 + epoch)
 
 
+@dataclass
+class Run:
+    """What a training run holds between its steps."""
+
+    config: Config
+    model: IPSModel  # the model itself (checkpoints hold it unwrapped)
+    trained: nn.Module  # what trains: the model, or it inside DistributedDataParallel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None  # fp16 only
+    train_set: Dataset
+    val_set: Dataset | None
+    augment: Callable[[Tensor], Tensor] | None  # kept patches of the gradient pass
+    grid_shape: tuple[int, int] | None  # (rows, cols) of a dataset with one fixed grid
+    start_epoch: int = 0
+    best: float = -math.inf  # best validation score so far
+
+
 def fit(
     config: Config,
     run_dir: str | os.PathLike,
@@ -673,153 +537,129 @@ def fit(
         max_epochs: stop after this many epochs in this call (for time-boxed runs); the
             schedule still follows ``train.epochs``.
     """
-    ranks = distributed.current()
-    run_dir = Path(run_dir)
-    if ranks.is_main:
+    run_dir, device = Path(run_dir), torch.device(device)
+    if distributed.current().is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device)
-    state: dict[str, Any] | None = None
-    if resume:
-        last = run_dir / "last.pt"
-        if not last.is_file():
-            raise FileNotFoundError(f"{last}: nothing to resume (no last checkpoint)")
-        state = load_checkpoint(last)
-        stored = config_from_dict(state["config"])
-        config = Config(
-            model=stored.model,
-            selection=stored.selection,
-            data=stored.data,
-            train=config.train if config.train.epochs != stored.train.epochs else stored.train,
-        )
-    cfg = config.train
+    state = _last_checkpoint(run_dir) if resume else None  # the exact point to go on from
+    run = _setup(config if state is None else _stored_config(state, config), run_dir, device)
+    if state is not None:
+        _restore(run, state, run_dir / "last.pt")
+    return _epochs(run, run_dir, device, progress=progress, max_epochs=max_epochs)
+
+
+def _last_checkpoint(run_dir: Path) -> dict[str, Any]:
+    last = run_dir / "last.pt"
+    if not last.is_file():
+        raise MissingFileError(f"{last}: nothing to resume (no last checkpoint)")
+    return load_checkpoint(last)
+
+
+def _stored_config(state: Mapping[str, Any], given: Config) -> Config:
+    """A resumed run's config: the stored one, with the given training settings when only
+    ``train.epochs`` differs (a run extended)."""
+    stored = config_from_dict(state["config"])
+    train = given.train if given.train.epochs != stored.train.epochs else stored.train
+    return dataclasses.replace(stored, train=train)
+
+
+def _setup(config: Config, run_dir: Path, device: torch.device) -> Run:
+    """Check the recipe, open the data, build the model, optimizer and schedule; write the
+    resolved config once the data opened (a failed start leaves the folder as it was)."""
+    ranks, cfg = distributed.current(), config.train
     distributed.micro_batch_size(cfg.batch_size, ranks.world_size, cfg.accumulate)
     if cfg.sync_batchnorm and ranks.world_size > 1 and device.type != "cuda":
-        raise ValueError(
+        raise InputError(
             "train.sync_batchnorm needs CUDA devices (torch's SyncBatchNorm does not run on "
             "the CPU); leave it false for CPU processes"
         )
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
-
-    if state is None:  # what the data and the weights decide (a stored config has it)
-        config = resolve_config(config)
-        config = dataclasses.replace(config, model=with_weights_normalization(config.model))
-    train_set = build_dataset(config, "train")
-    val_set = build_validation(config)
-    if ranks.is_main:  # only once the data opened: a failed start leaves the folder as it was
+    # what the data and the weights decide (a stored config has it already)
+    config = resolve_config(config)
+    config = dataclasses.replace(config, model=with_weights_normalization(config.model))
+    train_set, val_set = build_dataset(config, "train"), build_validation(config)
+    if ranks.is_main:
         save_config(config, run_dir / "config.yaml")
         log.info(
             "data: %d training images, %s",
             len(train_set),
             "no validation" if val_set is None else f"{len(val_set)} validation images",
         )
+        log.info(
+            "precision: %s%s",
+            precision_name(resolve_amp(device, cfg.amp)),
+            f" (train.amp: auto on {device.type})" if cfg.amp == "auto" else "",
+        )
     augment = None
     if config.model.encoder != "features" and config.data.augment.active:
         augment = build_augment(config.data.augment, channels=config.model.in_channels)
     torch.manual_seed(cfg.seed)
     model = IPSModel(config.model, config.selection).to(device)
-    model.grid_shape = getattr(train_set, "grid_shape", None)
     if cfg.sync_batchnorm and ranks.world_size > 1:  # same parameters and buffers, synced
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)  # optimizer steps
     optimizer, scheduler = build_optimizer(model, cfg, steps_per_epoch)
-    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
-    if ranks.is_main:
-        precision = resolve_amp(device, cfg.amp)
-        log.info(
-            "precision: %s%s",
-            precision_name(precision),
-            f" (train.amp: auto on {device.type})" if cfg.amp == "auto" else "",
-        )
-    start_epoch, best = 0, -math.inf
-    if state is not None:  # read from `last` above
-        problem = weights_mismatch(model.state_dict(), state["model"])
-        if problem is not None:
-            raise ValueError(
-                f"{last}: cannot resume, its weights do not fit its own config: {problem}"
-            )
-        model.load_state_dict(state["model"])
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if scaler is not None and "scaler" in state:
-                scaler.load_state_dict(state["scaler"])
-        except (KeyError, ValueError, RuntimeError) as err:
-            reason = " ".join(str(err).split())[:200] or type(err).__name__
-            raise ValueError(
-                f"{last}: cannot resume, its optimizer state does not fit the model ({reason})"
-            ) from None
-        start_epoch, best = int(state["epoch"]), float(state["best"])
-        if ranks.is_main:
-            log.info("resumed %s at epoch %d", run_dir, start_epoch)
-    # DDP copies rank 0's parameters and buffers to every process here
-    trained = distributed.wrap(model) if ranks.world_size > 1 else model
+    return Run(
+        config=config,
+        model=model,
+        trained=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None,
+        train_set=train_set,
+        val_set=val_set,
+        augment=augment,
+        grid_shape=getattr(train_set, "grid_shape", None),
+    )
 
+
+def _restore(run: Run, state: Mapping[str, Any], last: Path) -> None:
+    """Weights, optimizer, schedule, epoch and best score from ``last.pt``."""
+    problem = weights_mismatch(run.model.state_dict(), state["model"])
+    if problem is not None:
+        raise InputError(f"{last}: cannot resume, its weights do not fit its own config: {problem}")
+    run.model.load_state_dict(state["model"])
+    try:
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        if run.scaler is not None and "scaler" in state:
+            run.scaler.load_state_dict(state["scaler"])
+    except (KeyError, ValueError, RuntimeError) as err:
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise InputError(
+            f"{last}: cannot resume, its optimizer state does not fit the model ({reason})"
+        ) from None
+    run.start_epoch, run.best = int(state["epoch"]), float(state["best"])
+    if distributed.current().is_main:
+        log.info("resumed %s at epoch %d", last.parent, run.start_epoch)
+
+
+def _epochs(
+    run: Run, run_dir: Path, device: torch.device, *, progress: bool, max_epochs: int | None
+) -> dict[str, Any]:
+    """Train, validate and save each epoch; Ctrl-C keeps the weights reached beside last.pt."""
+    ranks, cfg = distributed.current(), run.config.train
+    # DDP copies rank 0's parameters and buffers to every process here
+    run.trained = distributed.wrap(run.model) if ranks.world_size > 1 else run.model
     logger = RunLogger(run_dir, enabled=ranks.is_main)
     bar = _progress_factory(progress and ranks.is_main)
     history: list[dict[str, Any]] = []
     started = time.perf_counter()
-    stop = cfg.epochs if max_epochs is None else min(cfg.epochs, start_epoch + max_epochs)
-    epoch = start_epoch
+    stop = cfg.epochs if max_epochs is None else min(cfg.epochs, run.start_epoch + max_epochs)
+    epoch = run.start_epoch
     try:
-        for epoch in range(start_epoch, stop):
-            generator = _seed_epoch(cfg.seed, epoch, ranks.rank)
-            loader = make_train_loader(
-                train_set, config, epoch=epoch, rank=ranks.rank, world_size=ranks.world_size
-            )
-            train_metrics = train_one_epoch(
-                trained,
-                loader,
-                optimizer,
-                scheduler,
-                cfg,
-                device=device,
-                generator=generator,
-                scaler=scaler,
-                progress=bar(f"epoch {epoch + 1}/{cfg.epochs}"),
-                on_step=lambda step, stats: (
-                    logger.step(step, stats) if step % cfg.log_every == 0 else None
-                ),
-                augment=augment,
-                skip_errors=config.data.on_error == "skip",
-            )
-            row: dict[str, Any] = {"epoch": epoch + 1, "step": scheduler.last_epoch}
-            row["lr"] = optimizer.param_groups[0]["lr"]
-            row.update({f"train_{k}": v for k, v in train_metrics.items()})
-            is_best = False
-            if val_set is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == stop):
-                if ranks.world_size > 1:  # BatchNorm statistics of rank 0, as checkpointed
-                    distributed.broadcast_buffers(model)
-                val = evaluate(
-                    model,
-                    make_eval_loader(val_set, config, rank=ranks.rank, world_size=ranks.world_size),
-                    device=device,
-                    amp=cfg.amp,
-                    seed=cfg.seed,
-                    skip_errors=config.data.on_error == "skip",
-                )
-                row.update({f"val_{k}": v for k, v in val.items()})
-                row[MAIN_METRIC] = main_metric(val, model.tasks)
-                is_best = row[MAIN_METRIC] > best
-                best = max(best, row[MAIN_METRIC])
-            elif val_set is None:
-                is_best = True
+        for epoch in range(run.start_epoch, stop):
+            row = _train_epoch(run, epoch, device, bar(f"epoch {epoch + 1}/{cfg.epochs}"), logger)
+            validated = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == stop
+            is_best = run.val_set is None
+            if run.val_set is not None and validated:
+                row.update(_validate(run, device))
+                is_best = row[MAIN_METRIC] > run.best
+                run.best = max(run.best, row[MAIN_METRIC])
             row["elapsed_s"] = time.perf_counter() - started
-            row["peak_rss_mb"] = peak_rss_mb()
-            extra = {"epoch": epoch + 1, "best": best, "metrics": json.dumps(row)}
+            row["peak_rss_mb"] = round(max_rss_mb(children=True), 1)  # workers included
             if ranks.is_main:
-                save_checkpoint(
-                    run_dir / "last.pt",
-                    model,
-                    config,
-                    optimizer=optimizer.state_dict(),
-                    scheduler=scheduler.state_dict(),
-                    **({"scaler": scaler.state_dict()} if scaler else {}),
-                    **extra,
-                )
-                if is_best:
-                    save_checkpoint(run_dir / "best.pt", model, config, **extra)
-                log.info("epoch %d: %s", epoch + 1, _summary(row))
+                _save(run, run_dir, row, epoch + 1, is_best)
             logger.epoch(row)
             history.append(row)
     except KeyboardInterrupt:
@@ -829,11 +669,11 @@ def fit(
         # reached inside the interrupted epoch beside it
         save_checkpoint(
             run_dir / "interrupted.pt",
-            model,
-            config,
+            run.model,
+            run.config,
             epoch=epoch,
-            best=best,
-            step=scheduler.last_epoch,
+            best=run.best,
+            step=run.scheduler.last_epoch,
         )
         log.warning(
             "interrupted in epoch %d: weights saved to %s; --resume continues from the end "
@@ -846,20 +686,79 @@ def fit(
     finally:
         logger.close()
     distributed.barrier()  # when fit returns on any process, rank 0 has written everything
-    return {"run_dir": str(run_dir), "epochs": stop, "best": best, "history": history}
+    return {"run_dir": str(run_dir), "epochs": stop, "best": run.best, "history": history}
 
 
-def peak_rss_mb() -> float:
-    """The peak resident memory of this process and of its finished children (data loader
-    workers), in MiB: the larger of the two."""
-    import resource
+def _train_epoch(
+    run: Run,
+    epoch: int,
+    device: torch.device,
+    progress: Callable[[Iterable], Iterable] | None,
+    logger: RunLogger,
+) -> dict[str, Any]:
+    """One epoch of training; its row of metrics.csv so far."""
+    ranks, cfg = distributed.current(), run.config.train
+    generator = _seed_epoch(cfg.seed, epoch, ranks.rank)
+    loader = make_train_loader(
+        run.train_set, run.config, epoch=epoch, rank=ranks.rank, world_size=ranks.world_size
+    )
+    metrics = train_one_epoch(
+        run.trained,
+        loader,
+        run.optimizer,
+        run.scheduler,
+        cfg,
+        device=device,
+        generator=generator,
+        scaler=run.scaler,
+        progress=progress,
+        on_step=lambda step, stats: logger.step(step, stats) if step % cfg.log_every == 0 else None,
+        augment=run.augment,
+        grid_shape=run.grid_shape,
+        skip_errors=run.config.data.on_error == "skip",
+    )
+    row: dict[str, Any] = {"epoch": epoch + 1, "step": run.scheduler.last_epoch}
+    row["lr"] = run.optimizer.param_groups[0]["lr"]
+    row.update({f"train_{k}": v for k, v in metrics.items()})
+    return row
 
-    usage = [
-        resource.getrusage(who).ru_maxrss
-        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-    ]
-    scale = 1.0 if sys.platform == "darwin" else 1024.0  # bytes on macOS, KiB on Linux
-    return round(max(usage) * scale / 2**20, 1)
+
+def _validate(run: Run, device: torch.device) -> dict[str, Any]:
+    """The validation columns of an epoch's row, and the score that picks best.pt."""
+    ranks = distributed.current()
+    if ranks.world_size > 1:  # BatchNorm statistics of rank 0, as checkpointed
+        distributed.broadcast_buffers(run.model)
+    loader = make_eval_loader(run.val_set, run.config, rank=ranks.rank, world_size=ranks.world_size)
+    val = evaluate(
+        run.model,
+        loader,
+        device=device,
+        amp=run.config.train.amp,
+        seed=run.config.train.seed,
+        grid_shape=run.grid_shape,
+        skip_errors=run.config.data.on_error == "skip",
+    )
+    return {
+        **{f"val_{k}": v for k, v in val.items()},
+        MAIN_METRIC: main_metric(val, run.model.tasks),
+    }
+
+
+def _save(run: Run, run_dir: Path, row: Mapping[str, Any], epoch: int, is_best: bool) -> None:
+    """last.pt (the resume point) and, when validation improved, best.pt; atomically."""
+    extra = {"epoch": epoch, "best": run.best, "metrics": json.dumps(row)}
+    save_checkpoint(
+        run_dir / "last.pt",
+        run.model,
+        run.config,
+        optimizer=run.optimizer.state_dict(),
+        scheduler=run.scheduler.state_dict(),
+        **({"scaler": run.scaler.state_dict()} if run.scaler else {}),
+        **extra,
+    )
+    if is_best:
+        save_checkpoint(run_dir / "best.pt", run.model, run.config, **extra)
+    log.info("epoch %d: %s", epoch, _summary(row))
 
 
 def _summary(row: Mapping[str, Any]) -> str:
@@ -868,30 +767,15 @@ def _summary(row: Mapping[str, Any]) -> str:
 
 
 def _progress_factory(enabled: bool) -> Callable[[str], Callable[[Iterable], Iterable] | None]:
-    def factory(desc: str) -> Callable[[Iterable], Iterable] | None:
-        if not enabled:
-            return None
-        from tqdm.auto import tqdm
+    """``factory(desc)``: a function wrapping an iterable in a progress bar, or None."""
 
-        return lambda it: tqdm(it, desc=desc, leave=False, dynamic_ncols=True)
+    def factory(desc: str) -> Callable[[Iterable], Iterable] | None:
+        return (lambda items: bars.iterate(items, desc)) if enabled else None
 
     return factory
 
 
 # ---- evaluation of a stored model -----------------------------------------------------------
-
-
-def nest_metrics(metrics: Mapping[str, float]) -> dict[str, Any]:
-    """``{"majority/accuracy": 0.9, "loss": 1.2}`` -> ``{"majority": {"accuracy": 0.9},
-    "loss": 1.2}``."""
-    out: dict[str, Any] = {}
-    for key, value in metrics.items():
-        if "/" in key:
-            task, name = key.split("/", 1)
-            out.setdefault(task, {})[name] = value
-        else:
-            out[key] = value
-    return out
 
 
 def evaluate_checkpoint(
@@ -918,7 +802,6 @@ def evaluate_checkpoint(
     device = torch.device(device)
     model = model.to(device)
     dataset = build_dataset(config, split)
-    model.grid_shape = getattr(dataset, "grid_shape", None)
     bar = _progress_factory(progress)(f"eval {split}")
     return evaluate(
         model,
@@ -927,5 +810,6 @@ def evaluate_checkpoint(
         amp=config.train.amp,
         seed=config.train.seed,
         progress=bar,
+        grid_shape=getattr(dataset, "grid_shape", None),
         skip_errors=config.data.on_error == "skip",
     )
