@@ -47,6 +47,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from ips import distributed
+from ips import progress as bars
 from ips.config import GridConfig
 from ips.data.camelyon16 import is_camelyon16, slide_files
 from ips.data.feature_bags import import_h5py, tile_size_level0
@@ -59,10 +61,11 @@ from ips.encoders import (
     list_encoders,
     weights_normalization,
 )
+from ips.errors import InputError, MissingFileError
 from ips.files import atomic_write, sha256_of
+from ips.precision import autocast, resolve_amp
 from ips.sources import PatchSource, open_source
 from ips.sources.base import OPENSLIDE_SUFFIXES, PILLOW_SUFFIXES, TIFF_SUFFIXES
-from ips.train import autocast, resolve_amp
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +93,11 @@ class ExtractionSettings:
 
     def __post_init__(self) -> None:
         if int(self.patch_size) != self.patch_size or self.patch_size < 1:
-            raise ValueError(f"patch_size must be a positive integer, got {self.patch_size!r}")
+            raise InputError(f"patch_size must be a positive integer, got {self.patch_size!r}")
         if self.grid.tissue == "mask":
-            raise ValueError("tissue must be 'otsu' or 'none' for extraction, got 'mask'")
+            raise InputError("tissue must be 'otsu' or 'none' for extraction, got 'mask'")
         if self.amp not in AMP:
-            raise ValueError(f"amp must be one of {AMP} (auto resolved), got {self.amp!r}")
+            raise InputError(f"amp must be one of {AMP} (auto resolved), got {self.amp!r}")
 
     def to_json(self) -> str:
         """The settings that change the features, as sorted JSON (the seed only matters for
@@ -173,7 +176,7 @@ def find_slides(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list
                 )
         elif path.suffix.lower() == ".txt":
             if not path.is_file():
-                raise FileNotFoundError(f"{path}: no such slide list")
+                raise MissingFileError(f"{path}: no such slide list")
             for line in path.read_text().splitlines():
                 line = line.split("#", 1)[0].strip()
                 if line:
@@ -182,31 +185,19 @@ def find_slides(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list
         elif path.exists():
             found.append(path)
         else:
-            raise FileNotFoundError(f"{path}: no such slide, folder or slide list")
+            raise MissingFileError(f"{path}: no such slide, folder or slide list")
     slides = sorted(dict.fromkeys(p.resolve() for p in found))
     if not slides:
-        raise ValueError(f"no slides found in {', '.join(str(p) for p in inputs)}")
+        raise InputError(f"no slides found in {', '.join(str(p) for p in inputs)}")
     stems: dict[str, Path] = {}
     for slide in slides:
         if slide.stem in stems:
-            raise ValueError(
+            raise InputError(
                 f"two slides are called {slide.stem} ({stems[slide.stem]} and {slide}); "
                 "their bags would share one file name"
             )
         stems[slide.stem] = slide
     return slides
-
-
-def distributed_rank() -> tuple[int, int]:
-    """(rank, world size) from torchrun's ``RANK`` and ``WORLD_SIZE``; (0, 1) without them."""
-    try:
-        rank = int(os.environ.get("RANK", "0"))
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError as err:
-        raise ValueError(f"RANK and WORLD_SIZE must be integers ({err})") from None
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"RANK must be in [0, WORLD_SIZE), got RANK={rank}, WORLD_SIZE={world}")
-    return rank, world
 
 
 # ---- the encoder ------------------------------------------------------------------------------
@@ -235,7 +226,7 @@ class Extractor(nn.Module):
         x = ((x - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
         features = self.encoder(x)
         if features.dim() != 2:
-            raise ValueError(
+            raise InputError(
                 f"the encoder must return (n, F) features, got {tuple(features.shape)}"
             )
         return features.float()
@@ -256,10 +247,10 @@ def build_extractor(
         seed: initialises an untrained encoder.
     """
     if weights not in (None, *PUBLISHED) and not Path(weights).expanduser().is_file():
-        raise FileNotFoundError(f"weights: {weights}: no such file")
+        raise MissingFileError(f"weights: {weights}: no such file")
     pixel = [n for n in list_encoders() if n != "features"]
     if not encoder.startswith(TIMM_PREFIX) and encoder not in pixel:
-        raise ValueError(
+        raise InputError(
             f"encoder: {encoder!r} is not a pixel encoder; expected one of {pixel} "
             f"or '{TIMM_PREFIX}<model name>'"
         )
@@ -337,7 +328,7 @@ def extract_slide(
     else:
         source = _at_bag_tiles(slide, settings)
     if source.channels not in (1, 3):
-        raise ValueError(f"{slide}: {source.channels} channels; the encoders read RGB or grey")
+        raise InputError(f"{slide}: {source.channels} channels; the encoders read RGB or grey")
     n, width = len(source), extractor.feature_dim
     loader = DataLoader(
         _TileBatches(source, batch_size),
@@ -358,7 +349,7 @@ def extract_slide(
                     emb = extractor(tiles.to(device, non_blocking=True)).cpu().numpy()  # (b, F)
                     finite = np.isfinite(emb).all(axis=1)
                     if not finite.all():
-                        raise ValueError(
+                        raise InputError(
                             f"{slide}: the encoder gave NaN or inf features for "
                             f"{int((~finite).sum())} tile(s), e.g. at level-0 "
                             f"{tuple(source.coords[start + int(np.argmin(finite))])}"
@@ -437,21 +428,21 @@ def _at_bag_tiles(slide: Path, settings: ExtractionSettings) -> PatchSource:
         None,
     )
     if bag is None:
-        raise FileNotFoundError(f"{slide}: no bag {slide.stem}.h5 in {folder} to take tiles from")
+        raise MissingFileError(f"{slide}: no bag {slide.stem}.h5 in {folder} to take tiles from")
     try:
         with h5py.File(bag, "r") as f:
             if "coords" not in f:
-                raise ValueError(f"{bag}: no 'coords' dataset (N, 2) to take tiles from")
+                raise InputError(f"{bag}: no 'coords' dataset (N, 2) to take tiles from")
             coords = np.asarray(f["coords"][()])
             side = tile_size_level0(f)
     except OSError as err:
-        raise ValueError(f"{bag}: cannot read as HDF5 ({_one_line(err)})") from None
+        raise InputError(f"{bag}: cannot read as HDF5 ({_one_line(err)})") from None
     if coords.ndim != 2 or coords.shape[1] != 2 or len(coords) == 0:
-        raise ValueError(f"{bag}: coords must be (N, 2) with N >= 1, got {coords.shape}")
+        raise InputError(f"{bag}: coords must be (N, 2) with N >= 1, got {coords.shape}")
     grid = dataclasses.replace(settings.grid, tissue="none")  # the bag chose the tiles
     source = open_source(slide, patch_size=settings.patch_size, grid=grid)
     if side is not None and abs(side - source.patch_size_level0) > 0.5:
-        raise ValueError(
+        raise InputError(
             f"{bag}: its tiles are {side:g} level-0 pixels wide, --patch-size "
             f"{settings.patch_size} at downsample {source.downsample:g} reads "
             f"{source.patch_size_level0:g}; read at downsample {side / settings.patch_size:g} "
@@ -467,7 +458,7 @@ def bag_settings(path: str | os.PathLike) -> str | None:
         with h5py.File(path, "r") as f:
             value = f.attrs.get("extraction")
     except OSError as err:
-        raise ValueError(
+        raise InputError(
             f"{path}: an existing bag cannot be read ({' '.join(str(err).split())}); "
             "delete it to extract the slide again"
         ) from None
@@ -531,9 +522,9 @@ def extract_features(
     """
     published = weights is None or str(weights) in PUBLISHED
     if not published and not Path(weights).expanduser().is_file():
-        raise FileNotFoundError(f"weights: {weights}: no such file")
+        raise MissingFileError(f"weights: {weights}: no such file")
     if coords_from is not None and not Path(coords_from).is_dir():
-        raise FileNotFoundError(f"coords_from: {coords_from}: no such folder of bags")
+        raise MissingFileError(f"coords_from: {coords_from}: no such folder of bags")
     settings = ExtractionSettings(
         encoder=encoder,
         weights=None if weights is None else str(weights),
@@ -547,14 +538,14 @@ def extract_features(
     if batch_size is None:
         batch_size = default_batch_size(encoder, torch.device(device))
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    env_rank, env_world = distributed_rank()
-    rank = env_rank if rank is None else rank
-    world_size = env_world if world_size is None else world_size
+        raise InputError(f"num_workers must be >= 0, got {num_workers}")
+    env = distributed.from_environment()
+    rank = env.rank if rank is None else rank
+    world_size = env.world_size if world_size is None else world_size
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size), got {rank} and {world_size}")
+        raise InputError(f"rank must be in [0, world_size), got {rank} and {world_size}")
     import_h5py()
     started = time.perf_counter()
     out = Path(out_dir)
@@ -569,7 +560,7 @@ def extract_features(
             continue
         found = bag_settings(bag)
         if not same_settings(found, wanted):
-            raise ValueError(
+            raise InputError(
                 f"{bag}: extracted with other settings ({found}), not {wanted}; "
                 "write to another folder or delete the old bags"
             )
@@ -600,9 +591,12 @@ def extract_features(
             extractor.feature_dim,
             out,
         )
-        bars = _progress(progress and rank == 0)
-        slide_bar = bars(len(todo), "slides", leave=True)
-        tile_bars = (lambda total, name: bars(total, name, leave=False)) if slide_bar else None
+        show = progress and rank == 0
+        slide_bar = bars.bar(len(todo), "slides", unit="slide", show=show)
+
+        def tile_bars(total: int, name: str) -> Any:
+            return bars.bar(total, name, unit="tile", leave=False, show=show)
+
         for slide, bag in todo:
             began = time.perf_counter()
             try:
@@ -639,10 +633,8 @@ def extract_features(
                 log.debug("%s: %d tiles in %.1f s", slide.stem, n, seconds)
             summary["seconds"] = round(time.perf_counter() - started, 3)
             _write_summary(where, summary)
-            if slide_bar is not None:
-                slide_bar.update(1)
-        if slide_bar is not None:
-            slide_bar.close()
+            slide_bar.update(1)
+        slide_bar.close()
     summary["seconds"] = round(time.perf_counter() - started, 3)
     _write_summary(where, summary)
     summary["summary"] = str(where)
@@ -664,14 +656,3 @@ def _one_line(err: BaseException) -> str:
         text = lines[-1] if lines else text
     text = " ".join(text.split()) or type(err).__name__
     return text if len(text) <= 300 else text[:297] + "..."
-
-
-def _progress(enabled: bool) -> Callable[..., Any]:
-    def make(total: int, desc: str, *, leave: bool) -> Any:
-        if not enabled:
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc=desc, unit="tile" if not leave else "slide", leave=leave)
-
-    return make

@@ -31,16 +31,13 @@ they have no pixels, so they get only the heatmap (on a blank canvas) and the Ge
 
 from __future__ import annotations
 
-import csv
+import copy
 import dataclasses
-import io
-import json
 import logging
-import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,15 +46,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ips import progress as bars
+from ips import report
 from ips.config import GridConfig, TaskSpec, replace_fields
 from ips.data.feature_bags import FEATURE_SUFFIXES, FeatureBag, open_feature_bag
-from ips.data.table import TABLE_SUFFIXES, encode_labels, read_table, split_rows
+from ips.data.table import TABLE_SUFFIXES, read_table, split_rows
 from ips.data.table import Row as TableRow
-from ips.errors import one_line
-from ips.files import atomic_write
-from ips.heads import compute_loss, predictions, probabilities
+from ips.errors import InputError, MissingExtraError, MissingFileError, one_line
+from ips.heads import predictions, probabilities
 from ips.model import IPSModel, load_model_and_config
-from ips.selection import Selection, eval_mode
+from ips.selection import ScoreMap, Selection, eval_mode
 from ips.sources import ArraySource, PatchSource, open_source
 from ips.sources.base import OPENSLIDE_SUFFIXES, PILLOW_SUFFIXES, TIFF_SUFFIXES, grid_options
 from ips.viz import SCALES
@@ -158,7 +156,7 @@ def _expand(
                 f"got {type(entry).__name__}"
             )
     if not named:
-        raise ValueError("no inputs to predict (empty list, or folders without supported files)")
+        raise InputError("no inputs to predict (empty list, or folders without supported files)")
     items, seen = [], set()
     for name, path, array, row in named:
         base = re.sub(r"[^\w.-]+", "_", name).strip("._") or "input"
@@ -179,27 +177,27 @@ def _open(item: _Item, model: IPSModel, grid: GridConfig) -> PatchSource | Featu
     is_bag = item.path is not None and item.path.suffix.lower() in FEATURE_SUFFIXES
     if model.is_features:
         if not is_bag:
-            raise ValueError(
+            raise InputError(
                 f"{label}: the model reads precomputed features (encoder 'features'); "
                 f"give feature bags ({', '.join(sorted(FEATURE_SUFFIXES))}), not images"
             )
         bag = open_feature_bag(item.path)
         if bag.feature_dim != cfg.feature_dim:
             bag.close()
-            raise ValueError(
+            raise InputError(
                 f"{label}: features have width F={bag.feature_dim}, "
                 f"the model expects F={cfg.feature_dim} (model.feature_dim)"
             )
         return bag
     if is_bag:
-        raise ValueError(
+        raise InputError(
             f"{label}: a feature bag, but the model reads pixels (encoder {cfg.encoder!r})"
         )
     if item.array is not None:
         kwargs = grid_options(grid, item.mask, name=label)
         files_only = sorted({"level", "downsample", "target_mpp"} & set(kwargs))
         if files_only:
-            raise ValueError(f"{label}: {', '.join(files_only)} apply to files, not to arrays")
+            raise InputError(f"{label}: {', '.join(files_only)} apply to files, not to arrays")
         source = ArraySource(
             item.array,
             patch_size=cfg.patch_size,
@@ -211,7 +209,7 @@ def _open(item: _Item, model: IPSModel, grid: GridConfig) -> PatchSource | Featu
         source = open_source(item.path, patch_size=cfg.patch_size, grid=grid, mask=item.mask)
     if source.channels != cfg.in_channels:
         source.close()
-        raise ValueError(
+        raise InputError(
             f"{label}: the image has {source.channels} channel(s), "
             f"the model expects {cfg.in_channels} (model.in_channels)"
         )
@@ -233,67 +231,24 @@ def _prepare_model(
     checkpoint_or_model: IPSModel | str | os.PathLike,
     device: torch.device,
     overrides: dict[str, Any],
-) -> tuple[IPSModel, GridConfig, Callable[[], None]]:
-    """The model on ``device`` with selection overrides, the grid it was trained with (a
-    checkpoint's ``data.grid``; the default grid for a model object), and a function undoing
-    the overrides on a model object the caller passed."""
+) -> tuple[IPSModel, GridConfig]:
+    """The model on ``device`` with selection overrides, and the grid it was trained with (a
+    checkpoint's ``data.grid``; the default grid for a model object). A model object the
+    caller passed keeps its own selection settings: overrides go to a shallow copy, which
+    shares its modules and weights."""
     if isinstance(checkpoint_or_model, (str, os.PathLike)):
         model, config = load_model_and_config(checkpoint_or_model, map_location="cpu", **overrides)
-        return model.to(device), config.data.grid, lambda: None
+        return model.to(device), config.data.grid
     if not isinstance(checkpoint_or_model, IPSModel):
         raise TypeError(
             "checkpoint_or_model must be an IPSModel or a checkpoint path, "
             f"got {type(checkpoint_or_model).__name__}"
         )
     model = checkpoint_or_model
-    previous = model.selection_config
     if overrides:
+        model = copy.copy(model)  # the same modules; its own selection settings
         model.selection_config = replace_fields(model.config, **overrides).selection
-
-    def restore() -> None:
-        model.selection_config = previous
-
-    return model.to(device), GridConfig(), restore
-
-
-class ScoreMap:
-    """Collects the selection score of every patch, on one scale, as an ``observe`` hook.
-
-    Each candidate set's scores are attention shares normalised over that set, so a patch
-    scored early, beside other candidates, is not comparable as it stands with one scored
-    late. Consecutive sets share the patches kept in memory: the mean difference of their log
-    scores between the two sets is the change of normaliser (exact with one head and one
-    query, a mean over heads and queries otherwise). Every patch keeps the last score it got,
-    moved onto the scale of the last set; so the selected patches keep their final scores and
-    the order of all scores is the order of a single global pass.
-
-    Args:
-        lengths: N of each image of the batch.
-    """
-
-    def __init__(self, lengths: Sequence[int]):
-        self._log = [np.full(n, np.nan) for n in lengths]  # last log score + its set's offset
-        self._offset = [0.0] * len(lengths)  # offset of the latest set, per image
-
-    def __call__(self, ids: Tensor, scores: Tensor, valid: Tensor) -> None:
-        """Args: ids, scores, valid: (B, K) one scored candidate set per image."""
-        for b, log in enumerate(self._log):
-            keep = valid[b].numpy()
-            where = ids[b].numpy()[keep]
-            with np.errstate(divide="ignore"):
-                new = np.log(scores[b].numpy()[keep].astype(np.float64))  # (k,)
-            before = log[where]
-            again = np.isfinite(before) & np.isfinite(new)  # patches kept from the last set
-            if again.any():
-                self._offset[b] = float(np.mean(before[again] - new[again]))
-            log[where] = new + self._offset[b]
-
-    def scores(self) -> list[np.ndarray]:
-        """Per image (N_b,) float32 scores on the scale of its last set; NaN if never scored."""
-        return [
-            np.exp(log - offset).astype(np.float32)
-            for log, offset in zip(self._log, self._offset, strict=True)
-        ]
+    return model.to(device), GridConfig()
 
 
 def _classify(
@@ -385,31 +340,29 @@ def predict(
         One Prediction per input, in input order (folders expanded).
     """
     if scale not in SCALES:
-        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+        raise InputError(f"scale must be one of {SCALES}, got {scale!r}")
     if on_error not in ON_ERROR:
-        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        raise InputError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     if gallery_k < 0:
-        raise ValueError(f"gallery_k must be >= 0, got {gallery_k}")
+        raise InputError(f"gallery_k must be >= 0, got {gallery_k}")
     if on_error == "fail":  # a mistyped path fails now, not after the inputs before it
         single = isinstance(inputs, (str, os.PathLike, np.ndarray, Tensor))
         for entry in [inputs] if single else inputs:
             if isinstance(entry, (str, os.PathLike)) and not Path(entry).exists():
-                raise FileNotFoundError(f"{entry}: no such file or folder")
+                raise MissingFileError(f"{entry}: no such file or folder")
     if heatmaps and out_dir is not None:
         try:
             import matplotlib  # noqa: F401
         except ImportError as err:
-            raise ImportError(
+            raise MissingExtraError(
                 "pictures need: pip install 'iterative-patch-selection[viz]' (or heatmaps=False)"
             ) from err
     overrides = {
         k: v for k, v in (("memory_size", memory_size), ("chunk_size", chunk_size)) if v is not None
     }
-    model, trained_grid, restore = _prepare_model(
-        checkpoint_or_model, torch.device(device), overrides
-    )
+    model, trained_grid = _prepare_model(checkpoint_or_model, torch.device(device), overrides)
     grid = _with_overrides(grid or trained_grid, grid_overrides or {})
     drawing = {
         "heatmaps": heatmaps,
@@ -418,24 +371,21 @@ def predict(
         "thumbnail_size": thumbnail_size,
     }
     out = None if out_dir is None else Path(out_dir)
-    try:
-        where = None if mask is None or isinstance(mask, np.ndarray) else Path(mask)
-        items = _expand(inputs, model.is_features, model.tasks, mask=where, split=split)
-        if isinstance(mask, np.ndarray):
-            items = [dataclasses.replace(item, mask=mask) for item in items]
-        results: list[Prediction] = []
-        with _progress(len(items), progress) as bar:
-            for start in range(0, len(items), batch_size):
-                batch = items[start : start + batch_size]
-                results.extend(_predict_batch(model, batch, grid, drawing, out, seed, on_error))
-                bar.update(len(batch))
-    finally:
-        restore()
+    where = None if mask is None or isinstance(mask, np.ndarray) else Path(mask)
+    items = _expand(inputs, model.is_features, model.tasks, mask=where, split=split)
+    if isinstance(mask, np.ndarray):
+        items = [dataclasses.replace(item, mask=mask) for item in items]
+    results: list[Prediction] = []
+    with bars.bar(len(items), "predict", unit="input", show=progress) as bar:
+        for start in range(0, len(items), batch_size):
+            batch = items[start : start + batch_size]
+            results.extend(_predict_batch(model, batch, grid, drawing, out, seed, on_error))
+            bar.update(len(batch))
     if out is not None:
-        _write_tables(results, model.tasks, out)
-        labelled = [(item, pred) for item, pred in zip(items, results, strict=True) if item.row]
-        if any(any(item.row.labels.values()) for item, _ in labelled):  # a task column
-            _write_metrics(labelled, model.tasks, out / "metrics.json")
+        report.write_tables(results, model.tasks, out)
+        labelled = [(i.row, pred) for i, pred in zip(items, results, strict=True) if i.row]
+        if any(any(row.labels.values()) for row, _ in labelled):  # a task column
+            report.write_metrics(labelled, model.tasks, out / "metrics.json")
     return results
 
 
@@ -447,7 +397,7 @@ def _with_overrides(grid: GridConfig, overrides: dict[str, Any]) -> GridConfig:
     changes = {k: v for k, v in overrides.items() if v is not None}
     unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(GridConfig)})
     if unknown:
-        raise ValueError(f"grid_overrides: unknown grid field(s) {', '.join(unknown)}")
+        raise InputError(f"grid_overrides: unknown grid field(s) {', '.join(unknown)}")
     if any(k in changes for k in RESOLUTION):
         changes = {**{k: None for k in RESOLUTION}, **changes}
     return dataclasses.replace(grid, **changes)
@@ -487,11 +437,11 @@ def _predict_batch(
                 try:
                     pred = _prediction(model, item, container, selection, logits, scores, b)
                     if out is not None:
-                        written = _write_outputs(
+                        written = report.write_input(
                             pred, container, out / pred.name, model.tasks, **drawing
                         )
                         pred = dataclasses.replace(pred, outputs=written)
-                    log.debug("%s: %s", pred.name, _headline(pred, model.tasks))
+                    log.debug("%s: %s", pred.name, report.headline(pred, model.tasks))
                     results[i] = pred
                 except Exception as err:
                     results[i] = _failed(item, err, on_error)
@@ -556,320 +506,6 @@ def _failed(item: _Item, err: Exception, on_error: str) -> Prediction:
     )
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def __enter__(self) -> _NoBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-
-def _progress(total: int, show: bool) -> Any:
-    if not show:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="predict", unit="input", dynamic_ncols=True)
-
-
-# ---- outputs ----------------------------------------------------------------------------------
-
-
-def _headline(pred: Prediction, tasks: Sequence[TaskSpec]) -> str:
-    """``majority 3 (0.91), multi [1, 4]``: the predicted label(s) of every task."""
-    parts = []
-    for task in tasks:
-        label, probs = pred.predicted[task.name], pred.probabilities[task.name]
-        if task.kind == "multilabel":
-            parts.append(f"{task.name} [{', '.join(_label_names(task, label))}]")
-        else:
-            name = _class_name(task, label)
-            parts.append(f"{task.name} {name} ({_label_probability(task, label, probs):.2f})")
-    return ", ".join(parts)
-
-
-def _class_name(task: TaskSpec, label: int) -> str:
-    """A predicted class as the table wrote it: its name, or its index (binary: 0 / 1)."""
-    return task.class_name(label) if task.classes is not None else str(label)
-
-
-def _label_names(task: TaskSpec, decided: Sequence[int]) -> list[str]:
-    """The present labels of a multilabel prediction (0/1 per label), by name or index."""
-    return [_class_name(task, j) for j, on in enumerate(decided) if on]
-
-
-def _label_probability(task: TaskSpec, label: int, probs: list[float]) -> float:
-    if task.kind == "binary":
-        return probs[0] if label == 1 else 1.0 - probs[0]
-    return probs[label]
-
-
-def _write_outputs(
-    pred: Prediction,
-    container: Any,
-    folder: str | os.PathLike,
-    tasks: Sequence[TaskSpec],
-    *,
-    heatmaps: bool = True,
-    gallery_k: int = 16,
-    scale: str = "rank",
-    thumbnail_size: int = 1024,
-) -> dict[str, str]:
-    """Write the per-input files (see the module docstring) into ``folder``.
-
-    Args:
-        pred: a successful prediction.
-        container: the PatchSource or FeatureBag it came from (still open).
-        tasks: the model's tasks, for the titles.
-
-    Returns:
-        kind -> path of each file written.
-    """
-    from ips import viz
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    written: dict[str, str] = {}
-    buffer = io.BytesIO()
-    np.savez(buffer, coords=pred.all_coords, scores=pred.all_scores, selected_ids=pred.selected_ids)
-    written["scores"] = str(_write_atomic(folder / "scores.npz", buffer.getvalue()))
-    if getattr(container, "coords", None) is None:
-        return written  # a feature bag without coords: nowhere to draw
-    written["geojson"] = str(
-        viz.patches_to_geojson(
-            pred.selected_coords,
-            pred.selected_scores,
-            patch_size=pred.patch_size,
-            out=folder / "selected.geojson",
-            properties={"image": pred.name},
-        )
-    )
-    if not heatmaps:
-        return written
-    title = f"{pred.name}: {_headline(pred, tasks)}"
-    pixels = isinstance(container, PatchSource)
-    if pixels:
-        thumbnail = _as_picture(container.thumbnail(thumbnail_size))
-    else:  # no pixels: a blank canvas the shape of the patches' extent
-        w0, h0 = pred.image_size
-        factor = min(1.0, thumbnail_size / max(w0, h0))
-        thumbnail = np.full(
-            (max(1, round(h0 * factor)), max(1, round(w0 * factor))), 255, dtype=np.uint8
-        )
-    scored = np.isfinite(pred.all_scores)  # every patch, unless selection skipped one
-    if not scored.all():
-        log.warning("%s: %d patches got no score", pred.name, int((~scored).sum()))
-    where = np.cumsum(scored) - 1  # index among the scored patches
-    written["heatmap"] = str(
-        viz.heatmap_overlay(
-            thumbnail,
-            pred.all_coords[scored],
-            pred.all_scores[scored],
-            patch_size=pred.patch_size,
-            image_size=pred.image_size,
-            out=folder / "heatmap.png",
-            scale=scale,
-            title=title,
-            alpha=0.5 if pixels else 0.9,
-            selected=where[pred.selected_ids[scored[pred.selected_ids]]],
-        )
-    )
-    if not pixels:
-        return written
-    written["selected"] = str(
-        viz.selection_overlay(
-            thumbnail,
-            pred.selected_coords,
-            pred.selected_scores,
-            patch_size=pred.patch_size,
-            out=folder / "selected.png",
-            downsample=pred.image_size[0] / thumbnail.shape[1],
-            title=f"{pred.name}: the {len(pred.selected_ids)} selected patches",
-            top_labels=min(10, len(pred.selected_ids)),
-            scale=scale,
-        )
-    )
-    k = min(gallery_k, len(pred.selected_ids))
-    if k > 0:
-        patches = container.read(pred.selected_ids[:k])  # (k, C, P, P) at the read resolution
-        if patches.shape[1] not in (1, 3):
-            patches = patches[:, :1] if patches.shape[1] < 3 else patches[:, :3]
-        written["gallery"] = str(
-            viz.patch_gallery(
-                patches,
-                pred.selected_scores[:k],
-                out=folder / "gallery.png",
-                title=f"{pred.name}: the {k} best selected patches",
-                labels=[f"x {x}, y {y}" for x, y in pred.selected_coords[:k]],
-            )
-        )
-    return written
-
-
-def _as_picture(thumbnail: np.ndarray) -> np.ndarray:
-    """(h, w, C) uint8 -> (h, w) grey or (h, w, 3) RGB."""
-    channels = thumbnail.shape[2]
-    if channels == 1:
-        return thumbnail[..., 0]
-    return thumbnail[..., :3] if channels >= 3 else thumbnail[..., 0]
-
-
-def _write_tables(
-    results: Sequence[Prediction], tasks: Sequence[TaskSpec], out_dir: str | os.PathLike
-) -> tuple[Path, Path]:
-    """Write predictions.csv and predictions.jsonl (atomically) into ``out_dir``.
-
-    CSV columns: name, path; per task ``<task>`` (the predicted class: its name where the task
-    has class names, else its index; for multilabel tasks the present labels separated by
-    ``;``, ``-`` for none, as a labels table writes them) and ``<task>_prob`` (its
-    probability), or ``<task>_prob_<j>`` per label for multilabel tasks; num_patches; error.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    header = ["name", "path"]
-    for task in tasks:
-        if task.kind == "multilabel":
-            header += [task.name] + [f"{task.name}_prob_{j}" for j in range(task.num_classes)]
-        else:
-            header += [task.name, f"{task.name}_prob"]
-    header += ["num_patches", "error"]
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(header)
-    for pred in results:
-        row: list[Any] = [pred.name, pred.path or ""]
-        for task in tasks:
-            width = task.num_classes if task.kind == "multilabel" else 1
-            if not pred.ok:
-                row += [""] * (1 + width)
-                continue
-            label, probs = pred.predicted[task.name], pred.probabilities[task.name]
-            if task.kind == "multilabel":
-                row.append(";".join(_label_names(task, label)) or "-")
-                row += [_csv_number(p) for p in probs]
-            else:
-                row += [
-                    _class_name(task, label),
-                    _csv_number(_label_probability(task, label, probs)),
-                ]
-        row += [len(pred.all_scores) if pred.ok else "", pred.error or ""]
-        writer.writerow(row)
-    lines = [json.dumps(_record(pred, tasks), allow_nan=False) for pred in results]
-    csv_path = _write_atomic(out_dir / "predictions.csv", text.getvalue().encode("utf-8"))
-    jsonl_path = _write_atomic(
-        out_dir / "predictions.jsonl", "".join(f"{line}\n" for line in lines).encode("utf-8")
-    )
-    return csv_path, jsonl_path
-
-
-def _write_metrics(
-    labelled: Sequence[tuple[_Item, Prediction]], tasks: Sequence[TaskSpec], path: Path
-) -> Path:
-    """metrics.json: the metrics of the predictions of table rows against their labels (as
-    `ips eval` computes them; rows whose label of a task is empty do not count for it)."""
-    from ips.train import MetricTracker, nest_metrics
-
-    tracker = MetricTracker(tasks)
-    counts = {task.name: 0 for task in tasks}
-    failed = 0
-    for item, pred in labelled:
-        if not pred.ok:
-            failed += 1
-            continue
-        targets = {k: v.unsqueeze(0) for k, v in encode_labels(item.row, tasks).items()}
-        logits = {t.name: _logits(pred, t) for t in tasks}
-        loss = float(compute_loss(logits, targets, tasks)[0])
-        tracker.update(logits, targets, loss)
-        for task in tasks:
-            counts[task.name] += int(bool(item.row.labels.get(task.name)))
-    metrics = {
-        "images": len(labelled) - failed,
-        "failed": failed,
-        "labelled": counts,
-        "metrics": nest_metrics(tracker.compute()) if len(labelled) > failed else {},
-    }
-    text = json.dumps(_json_safe(metrics), indent=1, allow_nan=False)
-    return _write_atomic(path, (text + "\n").encode("utf-8"))
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN and inf (an AUC of one class, say) as null, in nested dicts."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, float):
-        return _finite(value)
-    return value
-
-
-def _logits(pred: Prediction, task: TaskSpec) -> Tensor:
-    """(1, classes) or (1,) for binary: the logits of one prediction as the heads shape them."""
-    values = torch.tensor(pred.logits[task.name], dtype=torch.float32)
-    return values.reshape(1) if task.kind == "binary" else values.reshape(1, -1)
-
-
-def _csv_number(value: float) -> str:
-    return f"{value:.6g}" if math.isfinite(value) else ""
-
-
-def _named(pred: Prediction, tasks: Sequence[TaskSpec]) -> dict[str, Any]:
-    """Per task the predicted class name (multilabel: the present labels' names)."""
-    out: dict[str, Any] = {}
-    for task in tasks:
-        if task.name not in pred.predicted:
-            continue
-        label = pred.predicted[task.name]
-        out[task.name] = (
-            _label_names(task, label) if task.kind == "multilabel" else _class_name(task, label)
-        )
-    return out
-
-
-def _record(pred: Prediction, tasks: Sequence[TaskSpec]) -> dict[str, Any]:
-    """Everything about a prediction as JSON-safe values (NaN and inf become null)."""
-    coords_known = bool(len(pred.all_coords)) and bool((pred.all_coords >= 0).all())
-    selected = [
-        {
-            "rank": rank,
-            "id": int(i),
-            "x": int(xy[0]) if coords_known else None,
-            "y": int(xy[1]) if coords_known else None,
-            "score": _finite(s),
-        }
-        for rank, (i, xy, s) in enumerate(
-            zip(pred.selected_ids, pred.selected_coords, pred.selected_scores, strict=True), 1
-        )
-    ]
-    return {
-        "name": pred.name,
-        "path": pred.path,
-        "probabilities": {k: [_finite(p) for p in v] for k, v in pred.probabilities.items()},
-        "predicted": pred.predicted,
-        "labels": _named(pred, tasks),
-        "logits": {k: [_finite(v) for v in values] for k, values in pred.logits.items()},
-        "num_patches": len(pred.all_scores),
-        "patch_size": _finite(pred.patch_size),
-        "image_size": list(pred.image_size),
-        "selected": selected,
-        "error": pred.error,
-        "outputs": pred.outputs,
-    }
-
-
-def _finite(value: Any) -> float | None:
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def _write_atomic(path: Path, data: bytes) -> Path:
-    """Write to a temporary file next to ``path``, then rename it over ``path``."""
-    with atomic_write(path) as fh:
-        fh.write(data)
-    return path
-
-
 # ---- the command ------------------------------------------------------------------------------
 
 
@@ -895,7 +531,7 @@ def run_predict(
     started = time.perf_counter()
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
-        raise FileNotFoundError(f"{checkpoint}: checkpoint not found")
+        raise MissingFileError(f"{checkpoint}: checkpoint not found")
     out = Path(out_dir)
     results = predict(checkpoint, list(inputs), out_dir=out, **options)
     failed = [{"name": p.name, "path": p.path, "error": p.error} for p in results if not p.ok]
