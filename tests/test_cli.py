@@ -1,20 +1,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import ips
-from conftest import SHARED_DATA, TINY_MNIST_SETS
+from conftest import CMU_SVS, MNIST_TINY, TINY_MNIST_SETS, megapixel_mnist_test_metrics
 from ips.cli import main
 
 
 def _mnist() -> str:
-    path = SHARED_DATA / "mnist.npz"
-    if not path.exists():
-        pytest.skip("shared MNIST not available")
-    return str(path)
+    return str(MNIST_TINY)
 
 
 def test_make_mnist_writes_a_compact_dataset(tmp_path):
@@ -65,6 +63,7 @@ def test_train_then_eval_prints_json_metrics(tmp_path, capsys):
     )
     sets = [
         *TINY_MNIST_SETS,
+        "selection.shuffle=false",  # the same selection without a generator, for the check
         "train.epochs=1",
         "train.batch_size=8",
         f"data.path={data}",
@@ -99,8 +98,11 @@ def test_train_then_eval_prints_json_metrics(tmp_path, capsys):
         == 0
     )
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert 0.0 <= printed["test"]["majority"]["accuracy"] <= 1.0
-    assert "exact_match" in printed["test"]["multi"]
+    expected = megapixel_mnist_test_metrics(tmp_path / "run" / "best.pt", data)
+    assert printed["test"]["majority"]["accuracy"] == pytest.approx(expected["majority_accuracy"])
+    multi = printed["test"]["multi"]
+    assert multi["exact_match"] == pytest.approx(expected["multi_exact_match"])
+    assert multi["label_accuracy"] == pytest.approx(expected["multi_label_accuracy"])
     assert json.loads(out_file.read_text()) == printed
 
 
@@ -182,8 +184,8 @@ def test_predict_command_writes_tables_and_reports_a_bad_input(tmp_path, capsys,
 
 
 def _own_cohort(folder) -> tuple[object, int]:
-    """A table mixing PNG photos (with a tissue mask), generated pyramidal TIFFs and, where
-    the shared data is there, the real Aperio slide; returns (table, rows)."""
+    """A table mixing PNG photos (with a tissue mask), generated pyramidal TIFFs and the real
+    Aperio slide; returns (table, rows)."""
     from PIL import Image
 
     from ips.sources import write_synthetic_slide
@@ -211,9 +213,7 @@ def _own_cohort(folder) -> tuple[object, int]:
         )
         kind = "tumour" if lesions else "normal"
         rows.append([f"slide{i}.tif", kind, int(bool(lesions)), "train" if i else "test", ""])
-    svs = SHARED_DATA / "cmu_small_region.svs"
-    if svs.exists():
-        rows.append([str(svs), "normal", 0, "train", ""])
+    rows.append([str(CMU_SVS), "normal", 0, "train", ""])
     table = folder / "labels.csv"
     table.write_text("".join(",".join(str(c) for c in row) + "\n" for row in rows))
     return table, len(rows) - 1
@@ -273,6 +273,10 @@ def test_own_images_and_slides_train_resume_evaluate_and_predict_through_the_cli
     scored = json.loads((out / "metrics.json").read_text())
     assert scored["images"] == 2 and scored["labelled"] == {"kind": 2, "flag": 2}
     assert set(scored["metrics"]["kind"]) == {"accuracy"}
+    with table.open(newline="") as fh:  # the accuracy of the table's predictions
+        truth = {Path(r["path"]).stem: r["kind"] for r in csv.DictReader(fh)}
+    hits = [r["kind"] == truth[r["name"]] for r in predicted]
+    assert scored["metrics"]["kind"]["accuracy"] == pytest.approx(np.mean(hits))
 
     # a new slide is cut as training cut its slides: the checkpoint's grid
     assert (

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import ips
-from conftest import SHARED_DATA, TINY, random_patches, random_targets
+from conftest import MNIST_TINY, TINY, random_patches, random_targets
 from ips import distributed
 from ips.config import Config, TrainConfig, load_config
 from ips.distributed import EvalBatchSampler, TrainBatchSampler
@@ -177,8 +177,7 @@ def _mnist_config(data, *extra):
 def tiny_mnist(tmp_path_factory):
     from ips.data import generate_megapixel_mnist, load_mnist
 
-    mnist = SHARED_DATA / "mnist.npz"
-    digits = load_mnist(mnist if mnist.exists() else None, download=False)
+    digits = load_mnist(MNIST_TINY)
     path = tmp_path_factory.mktemp("data") / "mm.npz"
     return generate_megapixel_mnist(
         path, digits, num_train=32, num_test=8, canvas_size=(150, 150), num_noise=2, seed=1

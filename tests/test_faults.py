@@ -7,7 +7,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import logging
+import math
 import os
 import pickle
 import signal
@@ -196,7 +198,16 @@ def test_a_corrupt_tile_is_skipped_reported_and_counted_under_skip(slides, tmp_p
     assert "1 of 2 inputs predicted" in err
     with (tmp_path / "predictions.csv").open(newline="") as f:
         rows = {r["name"]: r for r in csv.DictReader(f)}
-    assert rows["good"]["error"] == "" and 0.0 <= float(rows["good"]["tumour_prob"]) <= 1.0
+    assert rows["good"]["error"] == ""
+    # the table gives the predicted class and its probability, the sigmoid of the logit
+    lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
+    records = {r["name"]: r for r in map(json.loads, lines)}
+    (logit,) = records["good"]["logits"]["tumour"]
+    present = 1.0 / (1.0 + math.exp(-logit))
+    assert rows["good"]["tumour"] == str(int(logit > 0))
+    expected = present if logit > 0 else 1.0 - present
+    assert float(rows["good"]["tumour_prob"]) == pytest.approx(expected, rel=1e-5)
+    assert records["good"]["probabilities"]["tumour"] == [pytest.approx(present, rel=1e-6)]
     assert "bad.tif" in rows["bad"]["error"] and rows["bad"]["tumour_prob"] == ""
 
 

@@ -10,6 +10,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ips.errors import InputError
+
 
 class CrossAttention(nn.Module):
     """Multi-head attention of T query tokens over N patch embeddings."""
@@ -138,7 +140,7 @@ def sinusoidal_1d(positions: Tensor, dim: int) -> Tensor:
         (..., D) float32, sin on even and cos on odd channels.
     """
     if dim % 2:
-        raise ValueError(f"a 1-D sinusoidal encoding needs an even width, got {dim}")
+        raise InputError(f"a 1-D sinusoidal encoding needs an even width, got {dim}")
     angles = positions.float().unsqueeze(-1) * _frequencies(dim, positions.device)  # (..., D/2)
     return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)
 
@@ -154,7 +156,7 @@ def sinusoidal_2d(rows: Tensor, cols: Tensor, dim: int) -> Tensor:
         (..., D).
     """
     if dim % 4:
-        raise ValueError(f"a 2-D sinusoidal encoding needs a width divisible by 4, got {dim}")
+        raise InputError(f"a 2-D sinusoidal encoding needs a width divisible by 4, got {dim}")
     return torch.cat([sinusoidal_1d(rows, dim // 2), sinusoidal_1d(cols, dim // 2)], dim=-1)
 
 

@@ -1,7 +1,8 @@
 """``ips <command>``: argument parsing, logging, device choice. Nothing imports this module.
 
-Errors a user can fix (bad paths, configs, inputs) print one line ``ips: error: ...`` and exit
-with status 2; ``--debug`` shows the traceback instead.
+Errors a user can fix (``ips.errors.UserError``: bad paths, configs, inputs) print one line
+``ips: error: ...`` and exit with status 2; ``--debug`` shows the traceback instead. Any other
+exception is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -12,23 +13,21 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from ips.errors import ConfigError, MissingFileError, UserError
 
 if TYPE_CHECKING:
-    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
-
     from ips.config import Config
 
 log = logging.getLogger("ips")
 
-USER_ERRORS = (
-    ValueError,
+USER_ERRORS = (  # answered with one line and exit status 2; anything else is a bug
+    UserError,
     FileNotFoundError,
     NotADirectoryError,
     IsADirectoryError,
     PermissionError,
-    ImportError,
-    FloatingPointError,
 )
 
 
@@ -39,13 +38,46 @@ def _device(name: str):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
     return device
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+def _parents(
+    *,
+    device: str | None = None,
+    progress: bool = False,
+    json: str | None = None,
+    seed: str | None = None,
+    overrides: str | None = None,
+) -> list[argparse.ArgumentParser]:
+    """The options commands share, as parent parsers: always --debug and -q; with
+    ``device`` --device (its default); --no-progress; --json, --seed and --set with a help
+    text of their own."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    if device is not None:
+        common.add_argument(
+            "--device",
+            default=device,
+            help=f"auto, cpu, cuda, cuda:1, ... (default {device}; torchrun: cuda:LOCAL_RANK)",
+        )
+    if progress:
+        common.add_argument("--no-progress", action="store_true", help="no progress bars")
+    if json is not None:
+        common.add_argument("--json", action="store_true", help=json)
+    if seed is not None:
+        common.add_argument("--seed", type=int, default=0, help=f"{seed} (default 0)")
+    if overrides is not None:
+        common.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help=overrides,
+        )
+    return [common]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -55,23 +87,46 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (
+        _add_train,
+        _add_eval,
+        _add_predict,
+        _add_demo,
+        _add_make_mnist,
+        _add_make_slide,
+        _add_make_cohort,
+        _add_extract_features,
+        _add_encoders,
+        _add_download_traffic_signs,
+    ):
+        add(sub)
+    bench = _add_bench(sub)
+    _add_bench_memory(bench)
+    _add_bench_speed(bench)
+    return parser
 
-    p = sub.add_parser("train", help="train a model from a YAML config")
-    p.add_argument("--config", required=True, help="YAML file, or a shipped config's name")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.lr=3e-4 (repeatable)",
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    if not getattr(args, "debug", False):  # readers raise one clear error of their own
+        logging.getLogger("tifffile").setLevel(logging.CRITICAL)
+
+
+def _add_train(sub: Any) -> None:
+    """`ips train`'s options."""
+    p = sub.add_parser(
+        "train",
+        help="train a model from a YAML config",
+        parents=_parents(
+            device="auto",
+            progress=True,
+            overrides="override a config value, e.g. --set train.lr=3e-4 (repeatable)",
+        ),
     )
+    p.add_argument("--config", required=True, help="YAML file, or a shipped config's name")
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, config)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
-    p.add_argument(
-        "--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (torchrun: cuda:LOCAL_RANK)"
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
         "--nproc",
         type=int,
@@ -86,300 +141,6 @@ def get_args_parser() -> argparse.ArgumentParser:
         metavar="MINUTES",
         help="several processes: how long one waits for the others before failing",
     )
-    _common(p)
-
-    p = sub.add_parser("eval", help="evaluate a checkpoint; prints metrics as JSON")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", help="dataset path (default: the one the model was trained on)")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--out", help="also write the metrics JSON to this file")
-    p.add_argument("--json", action="store_true", help="print only the JSON line")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
-    _common(p)
-
-    p = sub.add_parser("make-mnist", help="generate a Megapixel MNIST dataset file")
-    p.add_argument("--out", required=True, help="the .npz file to write")
-    p.add_argument(
-        "--mnist",
-        help="MNIST idx folder or .npz (default: $IPS_MNIST, cache, "
-        "download, then scikit-learn's 8x8 digits)",
-    )
-    p.add_argument("--train", type=int, default=5000, help="training images")
-    p.add_argument("--test", type=int, default=1000, help="test images")
-    p.add_argument(
-        "--canvas",
-        type=int,
-        nargs="+",
-        default=[1500],
-        metavar="SIZE",
-        help="canvas height [width] in pixels",
-    )
-    p.add_argument("--noise", type=int, default=50, help="noise patterns per image")
-    p.add_argument("--seed", type=int, default=0)
-    _common(p)
-
-    p = sub.add_parser(
-        "predict",
-        help="predict images, slides, tables of them or feature bags; write tables, heatmaps, "
-        "GeoJSON",
-    )
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument(
-        "inputs",
-        nargs="+",
-        metavar="INPUT",
-        help="image/slide/feature-bag files, folders, or .csv/.tsv tables (path column; task "
-        "columns give metrics.json)",
-    )
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=1, help="images per step")
-    p.add_argument("--memory-size", type=int, help="M for inference (default: the checkpoint's)")
-    p.add_argument("--chunk-size", type=int, help="I for inference (default: the checkpoint's)")
-    p.add_argument(
-        "--scale", default="rank", choices=["linear", "rank", "log"], help="heatmap colour scale"
-    )
-    p.add_argument(
-        "--gallery", type=int, default=16, metavar="K", help="patches in gallery.png (0: none)"
-    )
-    p.add_argument("--no-pictures", action="store_true", help="only tables and GeoJSON")
-    p.add_argument(
-        "--split", choices=["train", "val", "test"], help="of a table's rows, only this split"
-    )
-    g = p.add_argument_group(
-        "grid", "how images are cut; default: as the checkpoint's training cut them (data.grid)"
-    )
-    g.add_argument(
-        "--tissue",
-        help="none, otsu, mask (a table's mask column), or a mask image / GeoJSON for the inputs",
-    )
-    g.add_argument("--min-tissue", type=float, help="lowest tissue fraction of a kept patch")
-    g.add_argument("--level", type=int, help="pyramid level to read")
-    g.add_argument("--downsample", type=float, help="read at this many level-0 pixels per pixel")
-    g.add_argument("--target-mpp", type=float, help="read at this many microns per pixel")
-    g.add_argument("--mpp", type=float, help="level-0 microns per pixel (overrides the file)")
-    g.add_argument("--stride", type=int, help="patch stride in read pixels")
-    p.add_argument("--seed", type=int, default=0, help="seed of the selection order")
-    p.add_argument("--fail-fast", action="store_true", help="stop at the first input that fails")
-    p.add_argument("--no-progress", action="store_true")
-    _common(p)
-
-    p = sub.add_parser("demo", help="generate data, train on the CPU, evaluate, draw pictures")
-    p.add_argument("--out", default="runs/demo", help="demo folder")
-    p.add_argument("--mnist", help="MNIST idx folder or .npz (see make-mnist)")
-    p.add_argument("--json", action="store_true", help="last line: test metrics as JSON")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
-    _common(p)
-
-    p = sub.add_parser("make-slide", help="write a synthetic pyramidal slide (tiled BigTIFF)")
-    p.add_argument("--out", required=True, help="the .tif file to write")
-    p.add_argument("--width", type=int, required=True, help="level-0 width in pixels")
-    p.add_argument("--height", type=int, required=True, help="level-0 height in pixels")
-    p.add_argument("--tile", type=int, default=256, help="tile side, a multiple of 16")
-    p.add_argument("--mpp", type=float, default=0.5, help="microns per level-0 pixel")
-    p.add_argument("--lesions", type=int, default=0, help="darker lesion regions in the tissue")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--blank", action="store_true", help="glass only, no tissue")
-    _common(p)
-
-    p = sub.add_parser(
-        "make-cohort",
-        help="write a synthetic slide cohort and its labels table (slides with/without lesions)",
-        description="Writes OUT/slides/slide_NNN.tif (pyramidal BigTIFFs) and OUT/labels.csv "
-        "(path, lesion, split): a binary task on slides of which a share carries small dark "
-        "lesions in the tissue, split stratified into train, val and test.",
-    )
-    p.add_argument("--out", required=True, help="the cohort folder")
-    p.add_argument("--slides", type=int, default=64, help="number of slides")
-    p.add_argument("--size", type=int, default=8192, help="level-0 side of each slide, pixels")
-    p.add_argument("--positive", type=float, default=0.5, help="share of slides with lesions")
-    p.add_argument("--val", type=float, default=0.125, help="share of each class for val")
-    p.add_argument("--test", type=float, default=0.25, help="share of each class for test")
-    p.add_argument("--mpp", type=float, default=0.5, help="microns per level-0 pixel")
-    p.add_argument("--seed", type=int, default=0)
-    _common(p)
-
-    p = sub.add_parser(
-        "extract-features",
-        help="encode the tissue tiles of slides: one HDF5 feature bag per slide",
-        description="Tissue detection, tiles of --patch-size pixels at --level or --target-mpp, "
-        "batched encoding; writes OUT/<slide>.h5 (features (N, F), coords (N, 2) level-0) and "
-        "OUT/extraction_summary.json. Slides with a bag are skipped (resume); a slide that "
-        "fails is reported and skipped. Under torchrun each process takes every K-th slide "
-        "and writes extraction_summary.rank<r>.json.",
-    )
-    p.add_argument(
-        "inputs",
-        nargs="+",
-        metavar="INPUT",
-        help="slide files, folders (a CAMELYON16 folder gives all its slides), .txt slide lists",
-    )
-    p.add_argument("--out", required=True, help="folder of feature bags")
-    p.add_argument(
-        "--encoder",
-        default="resnet50_4blocks",
-        help="a registered pixel encoder (resnet18_2blocks, resnet50_4blocks, ...) or "
-        "timm:<model> (needs the timm extra)",
-    )
-    p.add_argument(
-        "--weights",
-        help="a weights file (.bin, .pth, .safetensors; loaded strictly), or 'hub' / 'imagenet' "
-        "(the published weights, downloaded once; HF_TOKEN for gated ones); default untrained",
-    )
-    p.add_argument("--patch-size", type=int, default=256, help="tile side in read pixels")
-    g = p.add_argument_group("grid", "how slides are cut into tiles")
-    g.add_argument("--level", type=int, help="pyramid level to read (default 0)")
-    g.add_argument("--downsample", type=float, help="read at this many level-0 pixels per pixel")
-    g.add_argument("--target-mpp", type=float, help="read at this many microns per pixel")
-    g.add_argument("--mpp", type=float, help="level-0 microns per pixel (overrides the file)")
-    g.add_argument("--stride", type=int, help="tile step in read pixels (default: the tile side)")
-    g.add_argument(
-        "--tissue", default="otsu", choices=["otsu", "none"], help="tissue detection ('none': all)"
-    )
-    g.add_argument("--min-tissue", type=float, default=0.01, help="least tissue share of a tile")
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        help="tiles per encoder call (default: a preset's fastest on a CPU, else 64)",
-    )
-    p.add_argument("--workers", type=int, default=0, help="DataLoader processes reading tiles")
-    p.add_argument(
-        "--amp",
-        default="auto",
-        choices=["auto", "none", "bf16", "fp16"],
-        help="autocast; auto: bf16 where the device has bf16 units (the bags record which)",
-    )
-    p.add_argument(
-        "--coords-from",
-        metavar="DIR",
-        help="take each slide's tiles from its bag in DIR (ours, CLAM's or TRIDENT's .h5 with "
-        "coords) instead of a new grid",
-    )
-    p.add_argument("--seed", type=int, default=0, help="initialises an untrained encoder")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
-    _common(p)
-
-    p = sub.add_parser(
-        "encoders", help="list the patch encoders: foundation models, ResNet trunks, ..."
-    )
-    p.add_argument("--json", action="store_true", help="one JSON object per encoder")
-    _common(p)
-
-    p = sub.add_parser(
-        "download-traffic-signs",
-        help="fetch the Swedish traffic signs sets 1 and 2 (HTTPS, SHA-256 checked)",
-    )
-    p.add_argument("--out", required=True, help="dataset folder (Set1/, Set2/ go here)")
-    p.add_argument(
-        "--sha256",
-        help="sha256sum listing of the files (Set1/annotations.txt, Set1/Set1Part0.zip, ...); "
-        "default: the digests shipped with ips",
-    )
-    _common(p)
-
-    p = sub.add_parser("bench", help="measurements (see: ips bench memory --help)")
-    p.set_defaults(print_bench_help=p.print_help)
-    bench = p.add_subparsers(dest="bench_command", metavar="MEASUREMENT")
-    p = bench.add_parser(
-        "memory",
-        help="peak memory and time of one training step for increasing N",
-        description="Peak resident memory and wall time of one training step (selection, "
-        "forward, backward, optimizer step) of B images, for increasing N; each measurement "
-        "runs in a fresh process.",
-    )
-    p.add_argument(
-        "--input",
-        choices=["pixels", "features"],
-        default="features",
-        help="pixels: synthetic slides read lazily; features: an N x F .npy file read lazily",
-    )
-    p.add_argument(
-        "--num-patches",
-        type=int,
-        nargs="+",
-        metavar="N",
-        help="patches per image (default 1000 10000 100000 250000)",
-    )
-    p.add_argument(
-        "--methods", nargs="+", choices=["ips", "full"], default=["ips", "full"], help="methods"
-    )
-    p.add_argument("--batch-size", type=int, default=2, help="B: images per step")
-    p.add_argument("--memory-size", type=int, default=100, help="M")
-    p.add_argument("--chunk-size", type=int, default=100, help="I")
-    p.add_argument("--patch-size", type=int, default=32, help="P: patch side (pixels)")
-    p.add_argument("--feature-dim", type=int, default=512, help="F: feature width (features)")
-    p.add_argument("--embed-dim", type=int, default=128, help="D")
-    p.add_argument(
-        "--full-max", type=int, default=10000, help="run the 'full' method only for N <= this"
-    )
-    p.add_argument("--slide", help="your slide instead of generated ones (N = tissue patches)")
-    p.add_argument("--tissue", default="otsu", help="tissue filter of --slide (or a mask path)")
-    p.add_argument(
-        "--encoder-batch-size", type=int, help="patches per encoder call during selection"
-    )
-    p.add_argument("--tile-cache-mb", type=float, default=8.0, help="slide reader tile cache")
-    p.add_argument("--timeout", type=float, help="seconds allowed per measurement")
-    p.add_argument("--workdir", help="keep generated inputs here and reuse them")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, auto, ...")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: one per core)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print one JSON line per measurement")
-    p.add_argument("--out", help="folder for results.jsonl and memory.png")
-    _common(p)
-
-    p = bench.add_parser(
-        "speed",
-        help="IPS training and inference speed against the encoder's compute floor",
-        description="In one process, after warm-up, the median time of: the compute floor "
-        "(the encoder on the distinct patches without gradients at its best batch size, plus "
-        "forward and backward of the B x M selected patches), the IPS training step, "
-        "inference, and the no-selection baseline where it fits; once per speed option "
-        "(variant), so the speed-up of each is measured separately.",
-    )
-    p.add_argument("--config", default="megapixel_mnist", help="YAML file or shipped config name")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set selection.memory_size=50 (repeatable)",
-    )
-    p.add_argument(
-        "--input",
-        choices=["mnist", "dense"],
-        default="mnist",
-        help="mnist: Megapixel MNIST images; dense: random pixels, no patch repeated",
-    )
-    p.add_argument("--mnist", help="MNIST idx folder or .npz (default: $IPS_MNIST, ...)")
-    p.add_argument("--batch-size", type=int, default=16, help="B: images per step")
-    p.add_argument("--canvas", type=int, default=1500, help="image side; N = (canvas // P)^2")
-    p.add_argument(
-        "--variants",
-        nargs="+",
-        help="speed options to measure, from: reference channels_last dedup default "
-        "micro_batch bf16 fp16 compile (default: all but compile; fp16 needs CUDA)",
-    )
-    p.add_argument("--repeats", type=int, default=3, help="timed repetitions (median)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
-    p.add_argument("--no-full", action="store_true", help="skip the no-selection baseline")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, auto, ...")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print one JSON line per measurement")
-    p.add_argument("--out", help="folder for results.jsonl and table.md")
-    _common(p)
-    return parser
-
-
-def _setup_logging(args: argparse.Namespace) -> None:
-    level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
-    if not getattr(args, "debug", False):  # readers raise one clear error of their own
-        logging.getLogger("tifffile").setLevel(logging.CRITICAL)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -389,11 +150,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     _check_positive(args, "nproc")
     if not args.dist_timeout > 0:
-        raise ValueError(f"--dist-timeout must be > 0 minutes, got {args.dist_timeout}")
+        raise ConfigError(f"--dist-timeout must be > 0 minutes, got {args.dist_timeout}")
     config = load_config(resolve_config_path(args.config), args.overrides)
     if args.nproc is not None and args.nproc > 1:
         if distributed.launched():
-            raise ValueError("--nproc starts the processes itself: leave it out under torchrun")
+            raise ConfigError("--nproc starts the processes itself: leave it out under torchrun")
         if not args.resume:  # (a resumed run keeps its stored batch size)
             distributed.micro_batch_size(
                 config.train.batch_size, args.nproc, config.train.accumulate
@@ -414,34 +175,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _launch_train(args: argparse.Namespace) -> int:
     """``ips train --nproc K``: the same command in K processes, through torch's launcher."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
     from ips import distributed
 
     argv = _without_option(args.argv, "--nproc")
-    try:
-        distributed.launch(argv, nproc=args.nproc)
-    except ChildFailedError as err:  # the launcher stopped the other processes
-        failures = sorted(err.failures.items(), key=lambda item: (_failed_at(item[1]), item[0]))
-        for rank, failure in failures:  # the first is the cause, later ones may be its echo
-            reason = failure.message  # the process's error (from its error file) or signal
-            if isinstance(reason, dict):
-                reason = reason.get("message", "")
-            known = failure.error_file != "<N/A>" or failure.exitcode < 0
-            reason = " ".join(str(reason).split()) if known else ""
-            print(
-                f"ips: error: process {rank} of {args.nproc} failed with exit status "
-                f"{failure.exitcode}{': ' + reason if reason else ''}",
-                file=sys.stderr,
-            )
-        return next((f.exitcode for _, f in failures if f.exitcode > 0), 1)
-    return 0
-
-
-def _failed_at(failure: ProcessFailure) -> float:
-    """When a launched process failed: its error file's time, else the launcher's record."""
-    path = Path(failure.error_file)
-    return path.stat().st_mtime if path.is_file() else float(failure.timestamp)
+    failures = distributed.launch(argv, nproc=args.nproc)
+    for failure in failures:  # the first is the cause, later ones may be its echo
+        print(f"ips: error: {failure.line}", file=sys.stderr)
+    return next((f.exit_code for f in failures if f.exit_code > 0), 1) if failures else 0
 
 
 def _without_option(argv: Sequence[str], option: str) -> list[str]:
@@ -491,8 +231,22 @@ def _train_in_process_group(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _add_eval(sub: Any) -> None:
+    """`ips eval`'s options."""
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint; prints metrics as JSON",
+        parents=_parents(device="auto", progress=True, json="print only the JSON line"),
+    )
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", help="dataset path (default: the one the model was trained on)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--out", help="also write the metrics JSON to this file")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ips.train import evaluate_checkpoint, nest_metrics
+    from ips.metrics import nest_metrics
+    from ips.train import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(
         args.checkpoint,
@@ -510,11 +264,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_make_mnist(sub: Any) -> None:
+    """`ips make-mnist`'s options."""
+    p = sub.add_parser(
+        "make-mnist",
+        help="generate a Megapixel MNIST dataset file",
+        parents=_parents(seed="fixes the images"),
+    )
+    p.add_argument("--out", required=True, help="the .npz file to write")
+    p.add_argument(
+        "--mnist",
+        help="MNIST idx folder or .npz (default: $IPS_MNIST, cache, "
+        "download, then scikit-learn's 8x8 digits)",
+    )
+    p.add_argument("--train", type=int, default=5000, help="training images")
+    p.add_argument("--test", type=int, default=1000, help="test images")
+    p.add_argument(
+        "--canvas",
+        type=int,
+        nargs="+",
+        default=[1500],
+        metavar="SIZE",
+        help="canvas height [width] in pixels",
+    )
+    p.add_argument("--noise", type=int, default=50, help="noise patterns per image")
+
+
 def cmd_make_mnist(args: argparse.Namespace) -> int:
     from ips.data import generate_megapixel_mnist, load_mnist
 
     if len(args.canvas) not in (1, 2):
-        raise ValueError(f"--canvas takes a size or height and width, got {args.canvas}")
+        raise ConfigError(f"--canvas takes a size or height and width, got {args.canvas}")
     canvas = (args.canvas[0], args.canvas[-1])
     digits = load_mnist(args.mnist)
     path = generate_megapixel_mnist(
@@ -538,6 +318,52 @@ def cmd_make_mnist(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_predict(sub: Any) -> None:
+    """`ips predict`'s options."""
+    p = sub.add_parser(
+        "predict",
+        help="predict images, slides, tables of them or feature bags; write tables, heatmaps, "
+        "GeoJSON",
+        parents=_parents(device="auto", progress=True, seed="seed of the selection order"),
+    )
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="image/slide/feature-bag files, folders, or .csv/.tsv tables (path column; task "
+        "columns give metrics.json)",
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--batch-size", type=int, default=1, help="images per step")
+    p.add_argument("--memory-size", type=int, help="M for inference (default: the checkpoint's)")
+    p.add_argument("--chunk-size", type=int, help="I for inference (default: the checkpoint's)")
+    p.add_argument(
+        "--scale", default="rank", choices=["linear", "rank", "log"], help="heatmap colour scale"
+    )
+    p.add_argument(
+        "--gallery", type=int, default=16, metavar="K", help="patches in gallery.png (0: none)"
+    )
+    p.add_argument("--no-pictures", action="store_true", help="only tables and GeoJSON")
+    p.add_argument(
+        "--split", choices=["train", "val", "test"], help="of a table's rows, only this split"
+    )
+    g = p.add_argument_group(
+        "grid", "how images are cut; default: as the checkpoint's training cut them (data.grid)"
+    )
+    g.add_argument(
+        "--tissue",
+        help="none, otsu, mask (a table's mask column), or a mask image / GeoJSON for the inputs",
+    )
+    g.add_argument("--min-tissue", type=float, help="lowest tissue fraction of a kept patch")
+    g.add_argument("--level", type=int, help="pyramid level to read")
+    g.add_argument("--downsample", type=float, help="read at this many level-0 pixels per pixel")
+    g.add_argument("--target-mpp", type=float, help="read at this many microns per pixel")
+    g.add_argument("--mpp", type=float, help="level-0 microns per pixel (overrides the file)")
+    g.add_argument("--stride", type=int, help="patch stride in read pixels")
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first input that fails")
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from ips.config import TISSUE_MODES
     from ips.predict import run_predict
@@ -556,7 +382,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     elif args.tissue is not None:  # one mask file for the inputs
         mask = args.tissue
         if not Path(mask).is_file():
-            raise FileNotFoundError(f"--tissue {mask}: no such mask file (or none, otsu, mask)")
+            raise MissingFileError(f"--tissue {mask}: no such mask file (or none, otsu, mask)")
     summary = run_predict(
         args.checkpoint,
         args.inputs,
@@ -592,6 +418,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if summary["failed"] else 0
 
 
+def _add_demo(sub: Any) -> None:
+    """`ips demo`'s options."""
+    p = sub.add_parser(
+        "demo",
+        help="generate data, train on the CPU, evaluate, draw pictures",
+        parents=_parents(device="auto", progress=True, json="last line: test metrics as JSON"),
+    )
+    p.add_argument("--out", default="runs/demo", help="demo folder")
+    p.add_argument("--mnist", help="MNIST idx folder or .npz (see make-mnist)")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ips.demo import run_demo
 
@@ -611,7 +448,23 @@ def _check_positive(args: argparse.Namespace, *names: str) -> None:
         for v in values:
             if v is not None and v < 1:
                 option = "--" + name.replace("_", "-")
-                raise ValueError(f"{option} must be >= 1, got {v}")
+                raise ConfigError(f"{option} must be >= 1, got {v}")
+
+
+def _add_make_slide(sub: Any) -> None:
+    """`ips make-slide`'s options."""
+    p = sub.add_parser(
+        "make-slide",
+        help="write a synthetic pyramidal slide (tiled BigTIFF)",
+        parents=_parents(seed="fixes the picture"),
+    )
+    p.add_argument("--out", required=True, help="the .tif file to write")
+    p.add_argument("--width", type=int, required=True, help="level-0 width in pixels")
+    p.add_argument("--height", type=int, required=True, help="level-0 height in pixels")
+    p.add_argument("--tile", type=int, default=256, help="tile side, a multiple of 16")
+    p.add_argument("--mpp", type=float, default=0.5, help="microns per level-0 pixel")
+    p.add_argument("--lesions", type=int, default=0, help="darker lesion regions in the tissue")
+    p.add_argument("--blank", action="store_true", help="glass only, no tissue")
 
 
 def cmd_make_slide(args: argparse.Namespace) -> int:
@@ -619,13 +472,13 @@ def cmd_make_slide(args: argparse.Namespace) -> int:
 
     _check_positive(args, "width", "height", "tile")
     if args.tile % 16:
-        raise ValueError(f"--tile must be a multiple of 16, got {args.tile}")
+        raise ConfigError(f"--tile must be a multiple of 16, got {args.tile}")
     if not args.mpp > 0:
-        raise ValueError(f"--mpp must be > 0, got {args.mpp}")
+        raise ConfigError(f"--mpp must be > 0, got {args.mpp}")
     if args.lesions < 0:
-        raise ValueError(f"--lesions must be >= 0, got {args.lesions}")
+        raise ConfigError(f"--lesions must be >= 0, got {args.lesions}")
     if args.blank and args.lesions:
-        raise ValueError("--lesions needs tissue: leave out --blank")
+        raise ConfigError("--lesions needs tissue: leave out --blank")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     slide = write_synthetic_slide(
@@ -651,6 +504,25 @@ def cmd_make_slide(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_make_cohort(sub: Any) -> None:
+    """`ips make-cohort`'s options."""
+    p = sub.add_parser(
+        "make-cohort",
+        help="write a synthetic slide cohort and its labels table (slides with/without lesions)",
+        description="Writes OUT/slides/slide_NNN.tif (pyramidal BigTIFFs) and OUT/labels.csv "
+        "(path, lesion, split): a binary task on slides of which a share carries small dark "
+        "lesions in the tissue, split stratified into train, val and test.",
+        parents=_parents(seed="fixes the cohort"),
+    )
+    p.add_argument("--out", required=True, help="the cohort folder")
+    p.add_argument("--slides", type=int, default=64, help="number of slides")
+    p.add_argument("--size", type=int, default=8192, help="level-0 side of each slide, pixels")
+    p.add_argument("--positive", type=float, default=0.5, help="share of slides with lesions")
+    p.add_argument("--val", type=float, default=0.125, help="share of each class for val")
+    p.add_argument("--test", type=float, default=0.25, help="share of each class for test")
+    p.add_argument("--mpp", type=float, default=0.5, help="microns per level-0 pixel")
+
+
 def cmd_make_cohort(args: argparse.Namespace) -> int:
     from ips.data.cohort import write_synthetic_cohort
 
@@ -669,18 +541,80 @@ def cmd_make_cohort(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_extract_features(sub: Any) -> None:
+    """`ips extract-features`'s options."""
+    p = sub.add_parser(
+        "extract-features",
+        help="encode the tissue tiles of slides: one HDF5 feature bag per slide",
+        description="Tissue detection, tiles of --patch-size pixels at --level or --target-mpp, "
+        "batched encoding; writes OUT/<slide>.h5 (features (N, F), coords (N, 2) level-0) and "
+        "OUT/extraction_summary.json. Slides with a bag are skipped (resume); a slide that "
+        "fails is reported and skipped. Under torchrun each process takes every K-th slide "
+        "and writes extraction_summary.rank<r>.json.",
+        parents=_parents(device="auto", progress=True, seed="initialises an untrained encoder"),
+    )
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="slide files, folders (a CAMELYON16 folder gives all its slides), .txt slide lists",
+    )
+    p.add_argument("--out", required=True, help="folder of feature bags")
+    p.add_argument(
+        "--encoder",
+        default="resnet50_4blocks",
+        help="a registered pixel encoder (resnet18_2blocks, resnet50_4blocks, ...) or "
+        "timm:<model> (needs the timm extra)",
+    )
+    p.add_argument(
+        "--weights",
+        help="a weights file (.bin, .pth, .safetensors; loaded strictly), or 'hub' / 'imagenet' "
+        "(the published weights, downloaded once; HF_TOKEN for gated ones); default untrained",
+    )
+    p.add_argument("--patch-size", type=int, default=256, help="tile side in read pixels")
+    g = p.add_argument_group("grid", "how slides are cut into tiles")
+    g.add_argument("--level", type=int, help="pyramid level to read (default 0)")
+    g.add_argument("--downsample", type=float, help="read at this many level-0 pixels per pixel")
+    g.add_argument("--target-mpp", type=float, help="read at this many microns per pixel")
+    g.add_argument("--mpp", type=float, help="level-0 microns per pixel (overrides the file)")
+    g.add_argument("--stride", type=int, help="tile step in read pixels (default: the tile side)")
+    g.add_argument(
+        "--tissue", default="otsu", choices=["otsu", "none"], help="tissue detection ('none': all)"
+    )
+    g.add_argument("--min-tissue", type=float, default=0.01, help="least tissue share of a tile")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="tiles per encoder call (default: a preset's fastest on a CPU, else 64)",
+    )
+    p.add_argument("--workers", type=int, default=0, help="DataLoader processes reading tiles")
+    p.add_argument(
+        "--amp",
+        default="auto",
+        choices=["auto", "none", "bf16", "fp16"],
+        help="autocast; auto: bf16 where the device has bf16 units (the bags record which)",
+    )
+    p.add_argument(
+        "--coords-from",
+        metavar="DIR",
+        help="take each slide's tiles from its bag in DIR (ours, CLAM's or TRIDENT's .h5 with "
+        "coords) instead of a new grid",
+    )
+
+
 def cmd_extract_features(args: argparse.Namespace) -> int:
     import os
 
+    from ips import distributed
     from ips.config import GridConfig
     from ips.features import extract_features
 
     _check_positive(args, "patch_size", "batch_size")
     if args.workers < 0:
-        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+        raise ConfigError(f"--workers must be >= 0, got {args.workers}")
     device = _device(args.device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = _device(f"cuda:{int(os.environ['LOCAL_RANK'])}")  # torchrun: one GPU each
+        device = _device(f"cuda:{distributed.from_environment().local_rank}")  # one GPU each
     grid = GridConfig(
         stride=args.stride,
         level=args.level,
@@ -719,6 +653,15 @@ def cmd_extract_features(args: argparse.Namespace) -> int:
         summary["summary"],
     )
     return 1 if summary["failed"] else 0
+
+
+def _add_encoders(sub: Any) -> None:
+    """`ips encoders`'s options."""
+    sub.add_parser(
+        "encoders",
+        help="list the patch encoders: foundation models, ResNet trunks, ...",
+        parents=_parents(json="one JSON object per encoder"),
+    )
 
 
 def cmd_encoders(args: argparse.Namespace) -> int:
@@ -762,6 +705,21 @@ def cmd_encoders(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_download_traffic_signs(sub: Any) -> None:
+    """`ips download-traffic-signs`'s options."""
+    p = sub.add_parser(
+        "download-traffic-signs",
+        help="fetch the Swedish traffic signs sets 1 and 2 (HTTPS, SHA-256 checked)",
+        parents=_parents(),
+    )
+    p.add_argument("--out", required=True, help="dataset folder (Set1/, Set2/ go here)")
+    p.add_argument(
+        "--sha256",
+        help="sha256sum listing of the files (Set1/annotations.txt, Set1/Set1Part0.zip, ...); "
+        "default: the digests shipped with ips",
+    )
+
+
 def cmd_download_traffic_signs(args: argparse.Namespace) -> int:
     from ips.data.traffic_signs import download_traffic_signs
 
@@ -770,11 +728,70 @@ def cmd_download_traffic_signs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench(sub: Any) -> Any:
+    """`ips bench`'s options."""
+    p = sub.add_parser(
+        "bench", help="measurements (see: ips bench memory --help)", parents=_parents()
+    )
+    p.set_defaults(print_bench_help=p.print_help)
+    bench = p.add_subparsers(dest="bench_command", metavar="MEASUREMENT")
+    return bench
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.bench_command is None:
         args.print_bench_help()
         return 2
     return BENCH_COMMANDS[args.bench_command](args)
+
+
+def _add_bench_memory(bench: Any) -> None:
+    """`ips bench memory`'s options."""
+    p = bench.add_parser(
+        "memory",
+        help="peak memory and time of one training step for increasing N",
+        description="Peak resident memory and wall time of one training step (selection, "
+        "forward, backward, optimizer step) of B images, for increasing N; each measurement "
+        "runs in a fresh process.",
+        parents=_parents(
+            device="cpu", json="print one JSON line per measurement", seed="random seed"
+        ),
+    )
+    p.add_argument(
+        "--input",
+        choices=["pixels", "features"],
+        default="features",
+        help="pixels: synthetic slides read lazily; features: an N x F .npy file read lazily",
+    )
+    p.add_argument(
+        "--num-patches",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="patches per image (default 1000 10000 100000 250000)",
+    )
+    p.add_argument(
+        "--methods", nargs="+", choices=["ips", "full"], default=["ips", "full"], help="methods"
+    )
+    p.add_argument("--batch-size", type=int, default=2, help="B: images per step")
+    p.add_argument("--memory-size", type=int, default=100, help="M")
+    p.add_argument("--chunk-size", type=int, default=100, help="I")
+    p.add_argument("--patch-size", type=int, default=32, help="P: patch side (pixels)")
+    p.add_argument("--feature-dim", type=int, default=512, help="F: feature width (features)")
+    p.add_argument("--embed-dim", type=int, default=128, help="D")
+    p.add_argument(
+        "--full-max", type=int, default=10000, help="run the 'full' method only for N <= this"
+    )
+    p.add_argument("--slide", help="your slide instead of generated ones (N = tissue patches)")
+    p.add_argument("--tissue", default="otsu", help="tissue filter of --slide (or a mask path)")
+    p.add_argument(
+        "--encoder-batch-size", type=int, help="patches per encoder call during selection"
+    )
+    p.add_argument("--tile-cache-mb", type=float, default=8.0, help="slide reader tile cache")
+    p.add_argument("--timeout", type=float, help="seconds allowed per measurement")
+    p.add_argument("--workdir", help="keep generated inputs here and reuse them")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: one per core)")
+    p.add_argument("--out", help="folder for results.jsonl and memory.png")
 
 
 def cmd_bench_memory(args: argparse.Namespace) -> int:
@@ -793,18 +810,18 @@ def cmd_bench_memory(args: argparse.Namespace) -> int:
         "threads",
     )
     if args.full_max < 0:
-        raise ValueError(f"--full-max must be >= 0, got {args.full_max}")
+        raise ConfigError(f"--full-max must be >= 0, got {args.full_max}")
     if args.timeout is not None and not args.timeout > 0:
-        raise ValueError(f"--timeout must be > 0, got {args.timeout}")
+        raise ConfigError(f"--timeout must be > 0, got {args.timeout}")
     if args.tile_cache_mb < 0:
-        raise ValueError(f"--tile-cache-mb must be >= 0, got {args.tile_cache_mb}")
+        raise ConfigError(f"--tile-cache-mb must be >= 0, got {args.tile_cache_mb}")
     if args.slide is not None:
         if not Path(args.slide).exists():
-            raise FileNotFoundError(f"--slide {args.slide}: no such file")
+            raise MissingFileError(f"--slide {args.slide}: no such file")
         if args.input != "pixels":
-            raise ValueError("--slide needs --input pixels")
+            raise ConfigError("--slide needs --input pixels")
         if args.num_patches is not None:
-            raise ValueError("--num-patches and --slide exclude each other (N = tissue patches)")
+            raise ConfigError("--num-patches and --slide exclude each other (N = tissue patches)")
     device = _device(args.device)
 
     def report(record: dict) -> None:
@@ -854,16 +871,56 @@ def cmd_bench_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench_speed(bench: Any) -> None:
+    """`ips bench speed`'s options."""
+    p = bench.add_parser(
+        "speed",
+        help="IPS training and inference speed against the encoder's compute floor",
+        description="In one process, after warm-up, the median time of: the compute floor "
+        "(the encoder on the distinct patches without gradients at its best batch size, plus "
+        "forward and backward of the B x M selected patches), the IPS training step, "
+        "inference, and the no-selection baseline where it fits; once per speed option "
+        "(variant), so the speed-up of each is measured separately.",
+        parents=_parents(
+            device="cpu",
+            json="print one JSON line per measurement",
+            seed="random seed",
+            overrides="override a config value, e.g. --set selection.memory_size=50 (repeatable)",
+        ),
+    )
+    p.add_argument("--config", default="megapixel_mnist", help="YAML file or shipped config name")
+    p.add_argument(
+        "--input",
+        choices=["mnist", "dense"],
+        default="mnist",
+        help="mnist: Megapixel MNIST images; dense: random pixels, no patch repeated",
+    )
+    p.add_argument("--mnist", help="MNIST idx folder or .npz (default: $IPS_MNIST, ...)")
+    p.add_argument("--batch-size", type=int, default=16, help="B: images per step")
+    p.add_argument("--canvas", type=int, default=1500, help="image side; N = (canvas // P)^2")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        help="speed options to measure, from: reference channels_last dedup default "
+        "micro_batch bf16 fp16 compile (default: all but compile; fp16 needs CUDA)",
+    )
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions (median)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    p.add_argument("--no-full", action="store_true", help="skip the no-selection baseline")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", help="folder for results.jsonl and table.md")
+
+
 def cmd_bench_speed(args: argparse.Namespace) -> int:
     from ips.config import load_config, resolve_config_path
 
     _check_positive(args, "batch_size", "canvas", "repeats", "threads")
     if args.warmup < 0:
-        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+        raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
     config = load_config(resolve_config_path(args.config), args.overrides)
     device = _device(args.device)
 
-    from ips.bench_speed import DEFAULT_VARIANTS, bench_speed, speed_table
+    from ips.bench import DEFAULT_VARIANTS, bench_speed, speed_table
 
     def report(record: dict) -> None:
         if args.json:

@@ -30,11 +30,13 @@ from typing import Any
 
 import yaml
 
+from ips.errors import ConfigError, MissingFileError
+
 TASK_KINDS = ("multiclass", "binary", "multilabel")
 LOADING_MODES = ("eager", "eager_sequential", "lazy")
 TISSUE_MODES = ("none", "otsu", "mask")  # data.grid.tissue
 POS_ENCODINGS = ("none", "1d", "2d")
-AMP_MODES = ("auto", "none", "bf16", "fp16")  # train.amp (see ips.train.resolve_amp)
+AMP_MODES = ("auto", "none", "bf16", "fp16")  # train.amp (see ips.precision.resolve_amp)
 
 
 @dataclass(frozen=True)
@@ -51,11 +53,11 @@ class TaskSpec:
     def __post_init__(self) -> None:
         key = f"model.tasks.{self.name}"
         if self.kind not in TASK_KINDS:
-            raise ValueError(f"{key}.kind must be one of {TASK_KINDS}, got {self.kind!r}")
+            raise ConfigError(f"{key}.kind must be one of {TASK_KINDS}, got {self.kind!r}")
         if self.classes is not None:
             names = tuple(str(c) for c in self.classes)
             if len(set(names)) != len(names) or any(not c.strip() for c in names):
-                raise ValueError(f"{key}.classes must be distinct non-empty names, got {names}")
+                raise ConfigError(f"{key}.classes must be distinct non-empty names, got {names}")
             wanted = 2 if self.kind == "binary" else self.num_classes
             if wanted is not None and len(names) != wanted:
                 what = (
@@ -63,7 +65,7 @@ class TaskSpec:
                     if self.kind == "binary"
                     else (f"num_classes is {wanted}")
                 )
-                raise ValueError(f"{key}.classes: {what}, got {len(names)} names {list(names)}")
+                raise ConfigError(f"{key}.classes: {what}, got {len(names)} names {list(names)}")
             object.__setattr__(self, "classes", names)
         if self.kind == "binary":
             object.__setattr__(self, "num_classes", 1)
@@ -71,11 +73,11 @@ class TaskSpec:
             if self.classes is not None:
                 object.__setattr__(self, "num_classes", len(self.classes))
         elif self.num_classes < 2 and self.kind == "multiclass":
-            raise ValueError(
+            raise ConfigError(
                 f"{key}.num_classes must be >= 2 for a multiclass task, got {self.num_classes}"
             )
         elif self.num_classes < 1:
-            raise ValueError(f"{key}.num_classes must be >= 1, got {self.num_classes}")
+            raise ConfigError(f"{key}.num_classes must be >= 1, got {self.num_classes}")
 
     @property
     def resolved(self) -> bool:
@@ -86,7 +88,7 @@ class TaskSpec:
     def num_outputs(self) -> int:
         """Width of the task's logits."""
         if self.num_classes is None:
-            raise ValueError(
+            raise ConfigError(
                 f"model.tasks.{self.name}.num_classes: not given; set it, or train from a "
                 "table or image folder, whose classes give it"
             )
@@ -129,23 +131,23 @@ class ModelConfig:
         _positive(self, "model", "in_channels", "patch_size", "embed_dim", "num_heads")
         _positive(self, "model", "head_dim", "mlp_dim")
         if self.num_queries is not None and self.num_queries != len(self.tasks):
-            raise ValueError(
+            raise ConfigError(
                 f"model.num_queries must equal the number of tasks ({len(self.tasks)}): "
                 f"one query token per task, got {self.num_queries}"
             )
         if self.pos_enc not in POS_ENCODINGS:
-            raise ValueError(f"model.pos_enc must be one of {POS_ENCODINGS}, got {self.pos_enc!r}")
+            raise ConfigError(f"model.pos_enc must be one of {POS_ENCODINGS}, got {self.pos_enc!r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if not self.tasks:
-            raise ValueError("model.tasks must name at least one task")
+            raise ConfigError("model.tasks must name at least one task")
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
-            raise ValueError(f"model.tasks has duplicate names: {names}")
+            raise ConfigError(f"model.tasks has duplicate names: {names}")
         for key in ("normalize_mean", "normalize_std"):
             value = getattr(self, key)
             if value is not None and len(value) != self.in_channels:
-                raise ValueError(
+                raise ConfigError(
                     f"model.{key} needs {self.in_channels} values (one per channel), "
                     f"got {len(value)}"
                 )
@@ -173,7 +175,7 @@ class SelectionConfig:
         if self.encoder_batch_size is not None:
             _positive(self, "selection", "encoder_batch_size")
         if self.loading not in LOADING_MODES:
-            raise ValueError(
+            raise ConfigError(
                 f"selection.loading must be one of {LOADING_MODES}, got {self.loading!r}"
             )
 
@@ -201,20 +203,22 @@ class GridConfig:
             _positive(self, "data.grid", "stride")
         given = [k for k in ("level", "downsample", "target_mpp") if getattr(self, k) is not None]
         if len(given) > 1:
-            raise ValueError(
+            raise ConfigError(
                 f"data.grid: give at most one of level, downsample and target_mpp, "
                 f"got {' and '.join(given)}"
             )
         if self.level is not None and self.level < 0:
-            raise ValueError(f"data.grid.level must be >= 0, got {self.level}")
+            raise ConfigError(f"data.grid.level must be >= 0, got {self.level}")
         for key in ("downsample", "target_mpp", "mpp"):
             value = getattr(self, key)
             if value is not None and not (math.isfinite(value) and value > 0):
-                raise ValueError(f"data.grid.{key} must be a positive number, got {value}")
+                raise ConfigError(f"data.grid.{key} must be a positive number, got {value}")
         if self.tissue not in TISSUE_MODES:
-            raise ValueError(f"data.grid.tissue must be one of {TISSUE_MODES}, got {self.tissue!r}")
+            raise ConfigError(
+                f"data.grid.tissue must be one of {TISSUE_MODES}, got {self.tissue!r}"
+            )
         if not 0.0 <= self.min_tissue <= 1.0:
-            raise ValueError(f"data.grid.min_tissue must be in [0, 1], got {self.min_tissue}")
+            raise ConfigError(f"data.grid.min_tissue must be in [0, 1], got {self.min_tissue}")
 
 
 @dataclass(frozen=True)
@@ -234,12 +238,12 @@ class AugmentConfig:
         for key in ("brightness", "contrast", "saturation", "hue", "hed"):
             value = getattr(self, key)
             if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"data.augment.{key} must be a number >= 0, got {value}")
+                raise ConfigError(f"data.augment.{key} must be a number >= 0, got {value}")
         for key in ("brightness", "contrast", "saturation", "hed"):
             if getattr(self, key) > 1:
-                raise ValueError(f"data.augment.{key} must be <= 1, got {getattr(self, key)}")
+                raise ConfigError(f"data.augment.{key} must be <= 1, got {getattr(self, key)}")
         if self.hue > 0.5:
-            raise ValueError(f"data.augment.hue must be <= 0.5, got {self.hue}")
+            raise ConfigError(f"data.augment.hue must be <= 0.5, got {self.hue}")
 
     @property
     def active(self) -> bool:
@@ -265,11 +269,11 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.on_error not in ("fail", "skip"):
-            raise ValueError(f"data.on_error must be 'fail' or 'skip', got {self.on_error!r}")
+            raise ConfigError(f"data.on_error must be 'fail' or 'skip', got {self.on_error!r}")
 
 
 @dataclass(frozen=True)
@@ -296,18 +300,18 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _positive(self, "train", "epochs", "batch_size", "eval_every", "log_every", "accumulate")
         if self.batch_size % self.accumulate:
-            raise ValueError(
+            raise ConfigError(
                 f"train.batch_size ({self.batch_size}) must be a multiple of train.accumulate "
                 f"({self.accumulate}): each micro-step takes batch_size / accumulate images"
             )
         if self.lr <= 0:
-            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if self.amp not in AMP_MODES:
-            raise ValueError(
+            raise ConfigError(
                 f"train.amp must be 'auto', 'none', 'bf16' or 'fp16', got {self.amp!r}"
             )
         if self.warmup_epochs < 0:
-            raise ValueError(f"train.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+            raise ConfigError(f"train.warmup_epochs must be >= 0, got {self.warmup_epochs}")
 
 
 @dataclass(frozen=True)
@@ -324,12 +328,12 @@ class Config:
         balance = self.data.balance
         if balance is not None:
             if balance not in names:
-                raise ValueError(
+                raise ConfigError(
                     f"data.balance: {balance!r} is not a task; expected one of {', '.join(names)}"
                 )
             kind = self.model.tasks[names.index(balance)].kind
             if kind == "multilabel":
-                raise ValueError(
+                raise ConfigError(
                     f"data.balance: task {balance!r} is multilabel; balancing needs one class "
                     "per image (a binary or multiclass task)"
                 )
@@ -339,7 +343,7 @@ def _positive(obj: Any, section: str, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
         if value <= 0:
-            raise ValueError(f"{section}.{name} must be a positive integer, got {value}")
+            raise ConfigError(f"{section}.{name} must be a positive integer, got {value}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,12 +360,12 @@ def parse_tasks(value: Any, key: str = "model.tasks") -> tuple[TaskSpec, ...]:
                 items.append(spec)
                 continue
             if not isinstance(spec, Mapping):
-                raise ValueError(f"{key}.{name} must be a mapping with kind and num_classes")
+                raise ConfigError(f"{key}.{name} must be a mapping with kind and num_classes")
             items.append({"name": name, **spec})
     elif isinstance(value, Sequence) and not isinstance(value, str):
         items = list(value)
     else:
-        raise ValueError(f"{key} must be a mapping name -> {{kind, num_classes}}, got {value!r}")
+        raise ConfigError(f"{key} must be a mapping name -> {{kind, num_classes}}, got {value!r}")
     tasks = []
     for item in items:
         if isinstance(item, TaskSpec):
@@ -369,7 +373,7 @@ def parse_tasks(value: Any, key: str = "model.tasks") -> tuple[TaskSpec, ...]:
         elif isinstance(item, Mapping):
             tasks.append(_build(TaskSpec, item, f"{key}.{item.get('name', '?')}"))
         else:
-            raise ValueError(f"{key} entries must be mappings, got {item!r}")
+            raise ConfigError(f"{key} entries must be mappings, got {item!r}")
     return tuple(tasks)
 
 
@@ -383,11 +387,11 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
                 return _check_type(value, option, key)
             except ValueError as err:
                 errors.append(str(err))
-        raise ValueError(f"{key}: expected {_type_name(annotation)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {_type_name(annotation)}, got {value!r}")
     if annotation is type(None):
         if value is None:
             return None
-        raise ValueError(f"{key}: expected None, got {value!r}")
+        raise ConfigError(f"{key}: expected None, got {value!r}")
     if annotation is Any:
         return value
     if dataclasses.is_dataclass(annotation):
@@ -395,35 +399,35 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
             return value
         if isinstance(value, Mapping):
             return _build(annotation, value, key)
-        raise ValueError(f"{key}: expected a mapping of keys, got {value!r}")
+        raise ConfigError(f"{key}: expected a mapping of keys, got {value!r}")
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        raise ValueError(f"{key}: expected a boolean, got {value!r}")
+        raise ConfigError(f"{key}: expected a boolean, got {value!r}")
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ValueError(f"{key}: expected an integer, got {value!r}")
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
             with contextlib.suppress(ValueError):
                 return float(value)
-        raise ValueError(f"{key}: expected a number, got {value!r}")
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
     if annotation is str:
         if isinstance(value, str):
             return value
-        raise ValueError(f"{key}: expected a string, got {value!r}")
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
     if origin is tuple:
         if isinstance(value, (list, tuple)):
             (item_type, _) = typing.get_args(annotation)
             return tuple(_check_type(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
-        raise ValueError(f"{key}: expected a list, got {value!r}")
+        raise ConfigError(f"{key}: expected a list, got {value!r}")
     if origin is dict:
         if isinstance(value, Mapping):
             return dict(value)
-        raise ValueError(f"{key}: expected a mapping, got {value!r}")
+        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
     raise TypeError(f"{key}: unsupported annotation {annotation!r}")  # pragma: no cover
 
 
@@ -442,7 +446,7 @@ def _build(cls: type, values: Mapping[str, Any], section: str) -> Any:
     kwargs = {}
     for key, value in values.items():
         if key not in names:
-            raise ValueError(
+            raise ConfigError(
                 f"{section}.{key}: unknown key; expected one of {', '.join(sorted(names))}"
             )
         if cls is ModelConfig and key == "tasks":
@@ -463,15 +467,15 @@ SECTIONS = {
 def config_from_dict(values: Mapping[str, Any]) -> Config:
     """Build a validated Config from nested plain data (as in YAML or a checkpoint)."""
     if not isinstance(values, Mapping):
-        raise ValueError(f"config must be a mapping of sections, got {type(values).__name__}")
+        raise ConfigError(f"config must be a mapping of sections, got {type(values).__name__}")
     sections = {}
     for name, section in values.items():
         if name not in SECTIONS:
-            raise ValueError(f"{name}: unknown section; expected one of {', '.join(SECTIONS)}")
+            raise ConfigError(f"{name}: unknown section; expected one of {', '.join(SECTIONS)}")
         if section is None:
             section = {}
         if not isinstance(section, Mapping):
-            raise ValueError(f"{name}: expected a mapping of keys, got {section!r}")
+            raise ConfigError(f"{name}: expected a mapping of keys, got {section!r}")
         if name == "data":
             section = _moved_stride(section)
         sections[name] = _build(SECTIONS[name], section, name)
@@ -491,9 +495,9 @@ def _moved_stride(data: Mapping[str, Any]) -> Mapping[str, Any]:
     if grid is None:
         grid = {}
     if not isinstance(grid, Mapping):
-        raise ValueError(f"data.grid: expected a mapping of keys, got {grid!r}")
+        raise ConfigError(f"data.grid: expected a mapping of keys, got {grid!r}")
     if grid.get("stride", stride) != stride:
-        raise ValueError(
+        raise ConfigError(
             f"data.stride ({stride}) and data.grid.stride ({grid['stride']}) differ; "
             "data.stride is the older name of data.grid.stride: keep one"
         )
@@ -531,17 +535,17 @@ def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[st
     values = {k: dict(v or {}) for k, v in values.items()}
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r}: expected section.key=value")
+            raise ConfigError(f"override {item!r}: expected section.key=value")
         dotted, raw = item.split("=", 1)
         parts = dotted.strip().split(".")
         if len(parts) < 2:
-            raise ValueError(f"override {item!r}: expected section.key=value, e.g. train.lr=3e-4")
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.lr=3e-4")
         value = yaml.safe_load(raw) if raw.strip() else None
         node = values.setdefault(parts[0], {})
         for part in parts[1:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {part} is not a mapping")
+                raise ConfigError(f"override {item!r}: {part} is not a mapping")
         node[parts[-1]] = value
     return values
 
@@ -552,22 +556,24 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: config file not found")
+            raise MissingFileError(f"{path}: config file not found")
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
-            raise ValueError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
+            raise ConfigError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"{path}: expected a mapping of sections, got {type(loaded).__name__}"
+            )
         values = loaded
     values = apply_overrides(values, overrides)
     try:
         return config_from_dict(values)
     except ValueError as err:
         where = f"{path}: " if path is not None else ""
-        raise ValueError(f"{where}{err}") from None
+        raise ConfigError(f"{where}{err}") from None
 
 
 def save_config(config: Config, path: str | Path) -> None:
@@ -592,7 +598,7 @@ def replace_fields(config: Config, **overrides: Any) -> Config:
             selection[key] = _check_type(value, selection_hints[key], f"selection.{key}")
         else:
             model_names, selection_names = set(model_hints), set(selection_hints)
-            raise ValueError(
+            raise ConfigError(
                 f"{key}: unknown model or selection option; expected one of "
                 f"{', '.join(sorted(model_names | selection_names))}"
             )
@@ -617,7 +623,7 @@ def resolve_config_path(name: str | Path) -> Path:
     shipped = shipped_configs()
     if str(name) in shipped:
         return shipped[str(name)]
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"{name}: no such config file, and no shipped config of that name "
         f"(shipped: {', '.join(shipped)})"
     )

@@ -19,6 +19,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +27,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
+
+from ips.errors import InputError
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -49,13 +52,27 @@ def current() -> Ranks:
     """This process's place in the initialised process group (rank 0 of 1 without one)."""
     if not (dist.is_available() and dist.is_initialized()):
         return Ranks()
-    local = int(os.environ.get("LOCAL_RANK", 0))
+    local = from_environment().local_rank
     return Ranks(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local)
+
+
+def from_environment() -> Ranks:
+    """This process's place as torchrun's ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` say,
+    without a process group (rank 0 of 1 without them)."""
+    try:
+        rank = int(os.environ.get("RANK", "0"))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError as err:
+        raise InputError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers ({err})") from None
+    if world < 1 or not 0 <= rank < world:
+        raise InputError(f"RANK must be in [0, WORLD_SIZE), got RANK={rank}, WORLD_SIZE={world}")
+    return Ranks(rank=rank, world_size=world, local_rank=local)
 
 
 def launched() -> bool:
     """True in a process that torchrun (or ``ips train --nproc``) started as one of several."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return from_environment().world_size > 1
 
 
 def init_distributed(
@@ -78,11 +95,11 @@ def init_distributed(
             "not set (start with torchrun or ips train --nproc K)"
         )
     device = torch.device(device)
-    local_rank = int(os.environ["LOCAL_RANK"])
+    local_rank = from_environment().local_rank
     if device.type == "cuda":
         count = torch.cuda.device_count()
         if local_rank >= count:
-            raise ValueError(
+            raise InputError(
                 f"process with LOCAL_RANK {local_rank} needs a CUDA device of that index, this "
                 f"machine has {count}: start at most {count} processes per machine"
             )
@@ -164,7 +181,7 @@ def _nccl() -> bool:
 def micro_batch_size(batch_size: int, world_size: int, accumulate: int) -> int:
     """B / (W A): images per process and micro-step; B must split evenly."""
     if batch_size % (world_size * accumulate):
-        raise ValueError(
+        raise InputError(
             f"train.batch_size (B={batch_size}) is the batch of one optimizer step over all "
             f"processes and must split evenly into {world_size} processes x "
             f"train.accumulate={accumulate} micro-steps"
@@ -220,13 +237,13 @@ class TrainBatchSampler(Sampler[list[int]]):
         micro_batch_size(batch_size, world_size, accumulate)
         parts = world_size * accumulate
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+            raise InputError(f"rank must be in [0, {world_size}), got {rank}")
         self.accumulate = accumulate
         self.world_size = world_size
         generator = torch.Generator().manual_seed(seed)
         if weights is not None:
             if len(weights) != num_items:
-                raise ValueError(f"weights: one per image ({num_items}), got {len(weights)}")
+                raise InputError(f"weights: one per image ({num_items}), got {len(weights)}")
             drawn = torch.multinomial(
                 torch.as_tensor(weights, dtype=torch.float64), num_items, True, generator=generator
             ).tolist()
@@ -262,7 +279,7 @@ def balanced_weights(classes: Sequence[int]) -> list[float]:
     unknown class as often as without balancing."""
     known = [c for c in classes if c >= 0]
     if not known:
-        raise ValueError("data.balance: no image of the training set has a known label")
+        raise InputError("data.balance: no image of the training set has a known label")
     counts: dict[int, int] = {}
     for c in known:
         counts[c] = counts.get(c, 0) + 1
@@ -283,7 +300,7 @@ class EvalBatchSampler(Sampler[list[int]]):
 
     def __init__(self, num_items: int, batch_size: int, *, rank: int = 0, world_size: int = 1):
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+            raise InputError(f"rank must be in [0, {world_size}), got {rank}")
         starts = range(0, num_items, batch_size)
         self.batch_ids = list(range(rank, len(starts), world_size))
         self.world_size = world_size
@@ -301,16 +318,52 @@ class EvalBatchSampler(Sampler[list[int]]):
 # ---- launching ------------------------------------------------------------------------------
 
 
-def launch(argv: Sequence[str], *, nproc: int) -> None:
+@dataclass(frozen=True)
+class ProcessError:
+    """One launched process that failed."""
+
+    rank: int
+    exit_code: int
+    line: str  # "process R of K failed with exit status S: its error"
+
+
+def launch(argv: Sequence[str], *, nproc: int) -> list[ProcessError]:
     """Run ``python -m ips ARGV`` in ``nproc`` processes on this machine through PyTorch's
     elastic launcher, as ``torchrun --standalone --nproc-per-node NPROC -m ips ARGV`` does.
 
-    When a process fails, the launcher stops the others and this raises torch's
-    ``ChildFailedError``, which names the failed rank, its exit status and its error.
+    Returns:
+        The processes that failed (none when all succeeded), the first to fail first: when
+        one fails the launcher stops the others, whose errors may echo the first one's.
     """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     args = get_args_parser().parse_args(
         ["--standalone", f"--nproc-per-node={nproc}", "-m", "ips", *argv]
     )
-    run(args)
+    try:
+        run(args)
+    except ChildFailedError as err:  # the launcher stopped the other processes
+        return _process_errors(err, nproc)
+    return []
+
+
+def _process_errors(err: Any, nproc: int) -> list[ProcessError]:
+    """The failures a ChildFailedError reports, in the order they happened."""
+    failures = sorted(err.failures.items(), key=lambda item: (_failed_at(item[1]), item[0]))
+    out = []
+    for rank, failure in failures:
+        reason = failure.message  # the process's error (from its error file) or signal
+        if isinstance(reason, dict):
+            reason = reason.get("message", "")
+        known = failure.error_file != "<N/A>" or failure.exitcode < 0
+        reason = " ".join(str(reason).split()) if known else ""
+        line = f"process {rank} of {nproc} failed with exit status {failure.exitcode}"
+        out.append(ProcessError(rank, failure.exitcode, line + (f": {reason}" if reason else "")))
+    return out
+
+
+def _failed_at(failure: Any) -> float:
+    """When a launched process failed: its error file's time, else the launcher's record."""
+    path = Path(failure.error_file)
+    return path.stat().st_mtime if path.is_file() else float(failure.timestamp)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ips.config import ModelConfig
+from ips.errors import InputError, MissingExtraError, MissingFileError
 from ips.weights import load_strict, read_state_dict
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def register_encoder(
 
     def wrap(fn: EncoderBuilder) -> EncoderBuilder:
         if name in _ENCODERS:
-            raise ValueError(f"an encoder named {name!r} is already registered")
+            raise InputError(f"an encoder named {name!r} is already registered")
         _ENCODERS[name] = fn
         if normalization is not None:
             _NORMALIZATION[name] = normalization
@@ -126,7 +127,7 @@ def create_encoder(
             generic_timm_preset(name), name=name, pretrained=pretrained, out_dim=embed_dim
         )
     if name not in _ENCODERS:
-        raise ValueError(
+        raise InputError(
             f"model.encoder: unknown encoder {name!r}; expected one of {list_encoders()} "
             f"or '{TIMM_PREFIX}<any timm model>'"
         )
@@ -137,7 +138,7 @@ def create_encoder(
 
 def _rgb(name: str, in_channels: int) -> None:
     if in_channels != 3:
-        raise ValueError(
+        raise InputError(
             f"model.in_channels: {name} reads RGB patches (3 channels), got {in_channels}"
         )
 
@@ -222,7 +223,7 @@ class FeatureProjector(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 2:
-            raise ValueError(f"features must be (n, F), got {tuple(x.shape)}")
+            raise InputError(f"features must be (n, F), got {tuple(x.shape)}")
         return self.act(self.bn(self.proj(self.norm(x))))
 
 
@@ -260,7 +261,7 @@ def _resnet(arch: str, *, blocks: int, in_channels: int, embed_dim: int, pretrai
             )
         except OSError as err:  # offline, a proxy, a refused connection
             cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"model.pretrained: cannot download the {arch} ImageNet weights "
                 f"({' '.join(str(err).split())[:120]}); put {weights.url} at {cache}, "
                 "or give the path of a local copy"
@@ -314,7 +315,7 @@ def _small_cnn(
     """SmallConvNet, from scratch or from a local state dict (no published weights)."""
     encoder = SmallConvNet(in_channels=in_channels, embed_dim=embed_dim)
     if pretrained is True:
-        raise ValueError(
+        raise InputError(
             "model.pretrained: small_cnn has no published weights; give the path of a state "
             "dict saved from it, or false"
         )
@@ -330,7 +331,7 @@ def _small_cnn(
 def _features(*, embed_dim: int, feature_dim: int | None = None, **_) -> nn.Module:
     """Precomputed features (n, F) through the feature projector."""
     if feature_dim is None:
-        raise ValueError("model.feature_dim: the features encoder needs the feature width F")
+        raise InputError("model.feature_dim: the features encoder needs the feature width F")
     return FeatureProjector(feature_dim=feature_dim, embed_dim=embed_dim)
 
 
@@ -367,7 +368,7 @@ class TimmPreset:
 
     def __post_init__(self) -> None:
         if self.embedding not in EMBEDDINGS:
-            raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {self.embedding!r}")
+            raise InputError(f"embedding must be one of {EMBEDDINGS}, got {self.embedding!r}")
 
     def timm_kwargs(self, **overrides: Any) -> dict[str, Any]:
         """The keyword arguments of ``timm.create_model`` with layer names resolved."""
@@ -389,7 +390,7 @@ def import_timm() -> Any:
     try:
         import timm
     except ImportError as err:
-        raise ImportError(TIMM_HINT) from err
+        raise MissingExtraError(TIMM_HINT) from err
     return timm
 
 
@@ -469,7 +470,7 @@ def build_timm(
     try:
         trunk = timm.create_model(preset.arch, pretrained=False, **kwargs)
     except RuntimeError as err:  # unknown model name
-        raise ValueError(f"model.encoder: timm cannot build {preset.arch!r} ({err})") from None
+        raise InputError(f"model.encoder: timm cannot build {preset.arch!r} ({err})") from None
     if preset.tower is not None:
         trunk = TOWERS[preset.tower](trunk)
     if pretrained:
@@ -503,7 +504,7 @@ def fetch_weights(preset: TimmPreset, name: str) -> str:
                 torch.hub.download_url_to_file(preset.url, str(target), progress=False)
             return str(target)
     except ImportError as err:
-        raise ImportError(TIMM_HINT) from err
+        raise MissingExtraError(TIMM_HINT) from err
     except Exception as err:  # offline, gated, refused: huggingface_hub's and urllib's errors
         reason = " ".join(str(err).split())[:160] or type(err).__name__
         where = preset.hub_id or preset.url
@@ -513,11 +514,11 @@ def fetch_weights(preset: TimmPreset, name: str) -> str:
             if preset.gated
             else ""
         )
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"model.pretrained: cannot fetch the {name} weights ({where}: {reason}); {gate}"
             "or download the file once and give its path"
         ) from None
-    raise ValueError(f"model.pretrained: {name} has no published weights; give a file's path")
+    raise InputError(f"model.pretrained: {name} has no published weights; give a file's path")
 
 
 def dinov2_from_hf(state: dict[str, Tensor], trunk: nn.Module) -> dict[str, Tensor]:
@@ -702,7 +703,7 @@ def generic_timm_preset(name: str) -> TimmPreset:
     output, normalised as its pretrained config says."""
     arch = name[len(TIMM_PREFIX) :]
     if not arch:
-        raise ValueError(f"model.encoder: {name!r} names no timm model (timm:<model name>)")
+        raise InputError(f"model.encoder: {name!r} names no timm model (timm:<model name>)")
     config = generic_timm_config(name)
     mean = tuple(config.get("mean") or IMAGENET_MEAN)
     std = tuple(config.get("std") or IMAGENET_STD)
@@ -889,9 +890,9 @@ def preset(name: str) -> TimmPreset:
     if name.startswith(TIMM_PREFIX):
         return generic_timm_preset(name)
     if name in NOT_BUILT:
-        raise ValueError(f"{name!r} is not built here: {NOT_BUILT[name]}")
+        raise InputError(f"{name!r} is not built here: {NOT_BUILT[name]}")
     if name not in PRESETS:
-        raise ValueError(f"{name!r} is not a timm encoder; presets: {', '.join(PRESETS)}")
+        raise InputError(f"{name!r} is not a timm encoder; presets: {', '.join(PRESETS)}")
     return PRESETS[name]
 
 

@@ -1,6 +1,38 @@
-"""One-line error text, and errors that say where they happened (no package imports)."""
+"""Errors a user can fix, one-line error text, and errors that say where they happened.
+
+Everything ``ips`` raises for bad input (a config value, a file, an image, a missing extra)
+is a `UserError`: the command line answers it with one line ``ips: error: ...`` and exit
+status 2. Each kind is also the built-in error it refines (a `ConfigError` is a ValueError,
+a `MissingFileError` a FileNotFoundError), so ``except ValueError`` keeps working. Any other
+exception is a bug and keeps its traceback. This module imports nothing of the package.
+"""
 
 from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input: the message says what was expected and what arrived, naming the field or
+    file."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config value, a command-line option or an argument that is not allowed."""
+
+
+class InputError(UserError, ValueError):
+    """A file, image, table, feature bag or checkpoint whose content does not fit."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder that is not there."""
+
+
+class MissingExtraError(UserError, ImportError):
+    """An optional dependency that is not installed; the message names the extra."""
+
+
+class TrainingError(UserError, FloatingPointError):
+    """Training that cannot go on as configured (a loss that became NaN, say)."""
 
 
 def one_line(err: BaseException, limit: int | None = None) -> str:

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from ips.errors import InputError
+
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_args: Any) -> Iterator[IO]:
@@ -25,8 +27,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_args: Any) ->
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)  # reopened by name: writers that need a file name (tifffile) get one
     try:
-        with os.fdopen(fd, mode, **open_args) as f:
+        with open(tmp, mode, **open_args) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -65,20 +68,20 @@ def download(url: str, path: str | os.PathLike, sha256: str, *, timeout: float =
         OSError: the network failed (``urllib.error.URLError``, ``ssl.SSLError``, timeouts).
     """
     if not url.lower().startswith("https://"):
-        raise ValueError(f"{url}: refused, downloads must use https://")
+        raise InputError(f"{url}: refused, downloads must use https://")
     context = ssl.create_default_context()  # CERT_REQUIRED and check_hostname
     request = urllib.request.Request(url, headers={"User-Agent": "iterative-patch-selection"})
     with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
         final = response.geturl()
         if not final.lower().startswith("https://"):
-            raise ValueError(f"{url}: refused, it redirects to {final}, which is not HTTPS")
+            raise InputError(f"{url}: refused, it redirects to {final}, which is not HTTPS")
         digest = hashlib.sha256()
         with atomic_write(path) as f:
             while block := response.read(2**20):
                 digest.update(block)
                 f.write(block)
             if digest.hexdigest() != sha256.lower():
-                raise ValueError(
+                raise InputError(
                     f"{url}: checksum mismatch, expected SHA-256 {sha256.lower()}, "
                     f"got {digest.hexdigest()}; the file was not kept"
                 )

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ips.config import TaskSpec
+from ips.errors import InputError
 
 
 class TaskHeads(nn.Module):
@@ -28,7 +29,7 @@ class TaskHeads(nn.Module):
     def forward(self, pooled: Tensor) -> dict[str, Tensor]:
         """Args: pooled: (B, T, D). Returns: logits per task name."""
         if pooled.shape[1] != len(self.tasks):
-            raise ValueError(f"expected {len(self.tasks)} task tokens, got {pooled.shape[1]}")
+            raise InputError(f"expected {len(self.tasks)} task tokens, got {pooled.shape[1]}")
         out = {}
         for t, task in enumerate(self.tasks):
             logits = self.heads[task.name](pooled[:, t])  # (B, K)

@@ -35,6 +35,7 @@ from ips.config import (
     replace_fields,
 )
 from ips.encoders import FeatureProjector, create_encoder, weights_mismatch
+from ips.errors import InputError, MissingFileError
 from ips.files import atomic_write
 from ips.heads import TaskHeads
 from ips.selection import (
@@ -111,7 +112,7 @@ class IPSModel(nn.Module):
     def _freeze_encoder(self) -> None:
         """No gradients for the encoder's trunk; its projection (``proj``, if any) trains."""
         if self.is_features:
-            raise ValueError(
+            raise InputError(
                 "model.freeze_encoder: the 'features' encoder is the trainable projection of "
                 "precomputed features, there is no trunk to freeze"
             )
@@ -156,12 +157,12 @@ class IPSModel(nn.Module):
         cfg = self.model_config
         if self.is_features:
             if x.dim() != 2 or x.shape[1] != cfg.feature_dim:
-                raise ValueError(
+                raise InputError(
                     f"features must be (n, F={cfg.feature_dim}) per patch, got {tuple(x.shape)}"
                 )
             return self.encoder(x.float())
         if x.dim() != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(
+            raise InputError(
                 f"patches must be (n, C={cfg.in_channels}, P, P) per patch, got {tuple(x.shape)}"
             )
         if x.dtype == torch.uint8:
@@ -184,7 +185,7 @@ class IPSModel(nn.Module):
             return sinusoidal_1d(ids, dim)
         if kind == "2d":
             if positions is None:
-                raise ValueError("model.pos_enc '2d' needs grid positions: pass grid_shape")
+                raise InputError("model.pos_enc '2d' needs grid positions: pass grid_shape")
             return sinusoidal_2d(positions[..., 0], positions[..., 1], dim)
         return None
 
@@ -430,7 +431,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
+        raise MissingFileError(f"{path}: checkpoint not found")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files
             warnings.simplefilter("ignore", UserWarning)
@@ -442,21 +443,21 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         detail = (
             found.group(1).strip() if found and found.group(1).strip() else _first_sentence(err)
         )
-        raise ValueError(
+        raise InputError(
             f"{path}: refused to load: the file is a pickle the safe loader does not accept "
             f"({detail}); loading it unsafely could run code from it"
         ) from None
     except Exception as err:
         reason = "the file is empty" if path.stat().st_size == 0 else _first_sentence(err)
-        raise ValueError(
+        raise InputError(
             f"{path}: not a readable checkpoint ({reason}); expected a file written by "
             "ips train or ips.save_checkpoint"
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not an ips checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
+        raise InputError(f"{path}: not an ips checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
     missing = [key for key in ("config", "model") if key not in payload]
     if missing:
-        raise ValueError(f"{path}: the checkpoint lacks {' and '.join(missing)}")
+        raise InputError(f"{path}: the checkpoint lacks {' and '.join(missing)}")
     return payload
 
 
@@ -485,12 +486,12 @@ def load_model_and_config(
     try:
         config = config_from_dict(payload["config"])
     except ValueError as err:
-        raise ValueError(f"{path}: incompatible checkpoint config ({err})") from None
+        raise InputError(f"{path}: incompatible checkpoint config ({err})") from None
     config = replace_fields(config, **overrides)
     model = IPSModel(dataclasses.replace(config.model, pretrained=False), config.selection)
     problem = weights_mismatch(model.state_dict(), payload["model"])
     if problem is not None:
-        raise ValueError(
+        raise InputError(
             f"{path}: the weights do not fit the checkpoint's config "
             f"(encoder {config.model.encoder!r}): {problem}"
         )

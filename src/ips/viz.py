@@ -21,6 +21,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from ips.errors import InputError, MissingExtraError
 from ips.files import atomic_write
 
 __all__ = [
@@ -70,14 +71,14 @@ def scale_scores(scores: np.ndarray, mode: str = "linear") -> np.ndarray:
         under ``"rank"`` with ties at either end).
     """
     if mode not in SCALES:
-        raise ValueError(f"scale must be one of {SCALES}, got {mode!r}")
+        raise InputError(f"scale must be one of {SCALES}, got {mode!r}")
     values = _as_scores(scores, "scores")
     if values.size == 0:
         return values
     if mode == "log":
         top = values.max()
         if top <= 0:
-            raise ValueError(f"scale='log' needs a positive maximum score, got max {top:g}")
+            raise InputError(f"scale='log' needs a positive maximum score, got max {top:g}")
         values = np.log10(np.maximum(values, top * 10.0**-LOG_DECADES))
     low, high = values.min(), values.max()
     if high == low:
@@ -182,7 +183,7 @@ def heatmap_overlay(
     rgb = _as_rgb(thumbnail, "thumbnail")
     coords, scores = _check_patches(coords, scores)
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        raise InputError(f"alpha must be in [0, 1], got {alpha}")
     outlined = None if selected is None else _selection_mask(selected, len(scores))
     height, width = rgb.shape[:2]
     grid = score_grid(coords, scale_scores(scores, scale), patch_size, image_size, rgb.shape[:2])
@@ -257,7 +258,7 @@ def selection_overlay(
     size = _positive(patch_size, "patch_size")
     factor = _positive(downsample, "downsample")
     if top_labels < 0:
-        raise ValueError(f"top_labels must be >= 0, got {top_labels}")
+        raise InputError(f"top_labels must be >= 0, got {top_labels}")
     values = scale_scores(scores, scale)
     height, width = rgb.shape[:2]
     mpl = _matplotlib()
@@ -319,11 +320,11 @@ def patch_gallery(
     count, tile_h, tile_w = tiles.shape[:3]
     scores = _as_scores(scores, "scores")
     if scores.shape != (count,):
-        raise ValueError(f"scores must be (k,) = ({count},) to match patches, got {scores.shape}")
+        raise InputError(f"scores must be (k,) = ({count},) to match patches, got {scores.shape}")
     if labels is not None and len(labels) != count:
-        raise ValueError(f"labels must hold k = {count} strings, got {len(labels)}")
+        raise InputError(f"labels must hold k = {count} strings, got {len(labels)}")
     if ncols < 1:
-        raise ValueError(f"ncols must be >= 1, got {ncols}")
+        raise InputError(f"ncols must be >= 1, got {ncols}")
     mpl = _matplotlib()
 
     zoom = max(1, math.ceil(_MIN_TILE / max(tile_h, tile_w)))
@@ -654,9 +655,9 @@ def _outline_width(side_px: float) -> float:
 def _as_scores(scores: np.ndarray, name: str) -> np.ndarray:
     values = np.asarray(scores, dtype=np.float64)
     if values.ndim != 1:
-        raise ValueError(f"{name} must be (K,), got {values.shape}")
+        raise InputError(f"{name} must be (K,), got {values.shape}")
     if not np.isfinite(values).all():
-        raise ValueError(f"{name} must be finite, got {int((~np.isfinite(values)).sum())} NaN/inf")
+        raise InputError(f"{name} must be finite, got {int((~np.isfinite(values)).sum())} NaN/inf")
     return values
 
 
@@ -664,12 +665,12 @@ def _check_patches(coords: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, 
     """Validate coords (K, 2) and scores (K,); return both as float64."""
     coords = np.asarray(coords, dtype=np.float64)
     if coords.ndim != 2 or coords.shape[1] != 2:
-        raise ValueError(f"coords must be (K, 2) level-0 (x, y) corners, got {coords.shape}")
+        raise InputError(f"coords must be (K, 2) level-0 (x, y) corners, got {coords.shape}")
     if not np.isfinite(coords).all():
-        raise ValueError("coords must be finite")
+        raise InputError("coords must be finite")
     values = _as_scores(scores, "scores")
     if values.shape != (len(coords),):
-        raise ValueError(
+        raise InputError(
             f"scores must be (K,) = ({len(coords)},) to match coords, got {values.shape}"
         )
     return coords, values
@@ -680,18 +681,18 @@ def _selection_mask(selected: np.ndarray, count: int) -> np.ndarray:
     selected = np.asarray(selected)
     if selected.dtype == bool:
         if selected.shape != (count,):
-            raise ValueError(f"selected must be a (K,) = ({count},) mask, got {selected.shape}")
+            raise InputError(f"selected must be a (K,) = ({count},) mask, got {selected.shape}")
         return selected
     if selected.size == 0:
         return np.zeros(count, dtype=bool)
     if selected.ndim != 1 or not np.issubdtype(selected.dtype, np.integer):
-        raise ValueError(
+        raise InputError(
             f"selected must be a (K,) bool mask or (n,) integer indices, got "
             f"{selected.dtype} {selected.shape}"
         )
     ids = selected.astype(np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= count):
-        raise ValueError(f"selected indices must lie in [0, {count}), got {ids.min()}..{ids.max()}")
+        raise InputError(f"selected indices must lie in [0, {count}), got {ids.min()}..{ids.max()}")
     mask = np.zeros(count, dtype=bool)
     mask[ids] = True
     return mask
@@ -701,11 +702,11 @@ def _as_rgb(image: np.ndarray, name: str) -> np.ndarray:
     """(h, w) grey or (h, w, 3) RGB uint8 -> (h, w, 3) uint8."""
     image = np.asarray(image)
     if image.dtype != np.uint8:
-        raise ValueError(f"{name} must be uint8, got {image.dtype}")
+        raise InputError(f"{name} must be uint8, got {image.dtype}")
     if image.ndim == 2:
         image = np.repeat(image[:, :, None], 3, axis=2)
     if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
-        raise ValueError(f"{name} must be (h, w) grey or (h, w, 3) RGB, got {image.shape}")
+        raise InputError(f"{name} must be (h, w) grey or (h, w, 3) RGB, got {image.shape}")
     return image
 
 
@@ -713,11 +714,11 @@ def _as_tiles(patches: np.ndarray) -> np.ndarray:
     """(k, C, P, P) with C = 1 or 3, or (k, P, P), uint8 -> (k, P, P, 3) uint8."""
     patches = np.asarray(patches)
     if patches.dtype != np.uint8:
-        raise ValueError(f"patches must be uint8, got {patches.dtype}")
+        raise InputError(f"patches must be uint8, got {patches.dtype}")
     if patches.ndim == 3:
         patches = patches[:, None]
     if patches.ndim != 4 or patches.shape[1] not in (1, 3) or 0 in patches.shape:
-        raise ValueError(
+        raise InputError(
             f"patches must be (k, C, P, P) with C = 1 or 3, or (k, P, P), got {patches.shape}"
         )
     tiles = patches.transpose(0, 2, 3, 1)
@@ -727,14 +728,14 @@ def _as_tiles(patches: np.ndarray) -> np.ndarray:
 def _positive(value: float, name: str) -> float:
     value = float(value)
     if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive number, got {value}")
+        raise InputError(f"{name} must be a positive number, got {value}")
     return value
 
 
 def _pair(value: tuple[int, int], name: str, meaning: str) -> tuple[int, int]:
     pair = tuple(int(v) for v in value)
     if len(pair) != 2 or min(pair) <= 0:
-        raise ValueError(f"{name} must be two positive integers {meaning}, got {tuple(value)}")
+        raise InputError(f"{name} must be two positive integers {meaning}, got {tuple(value)}")
     return pair
 
 
@@ -760,7 +761,7 @@ class _Mpl:
             from matplotlib.patches import Rectangle
             from matplotlib.patheffects import withStroke
         except ImportError as err:
-            raise ImportError(
+            raise MissingExtraError(
                 "pictures need: pip install 'iterative-patch-selection[viz]'"
             ) from err
         self.colormaps = matplotlib.colormaps
@@ -781,7 +782,7 @@ def _colormap(mpl: _Mpl, name: str) -> Any:
     try:
         return mpl.colormaps[name]
     except KeyError:
-        raise ValueError(f"cmap must be a matplotlib colormap name, got {name!r}") from None
+        raise InputError(f"cmap must be a matplotlib colormap name, got {name!r}") from None
 
 
 def _figure(mpl: _Mpl, width_px: int, height_px: int) -> Any:

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ips.errors import InputError, MissingExtraError, MissingFileError
+
 log = logging.getLogger(__name__)
 
 NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module", "teacher", "student")
@@ -46,33 +48,33 @@ def read_state_dict(
     """
     file = Path(path).expanduser()
     if not file.is_file():
-        raise FileNotFoundError(f"{option}: weights file {file} not found")
+        raise MissingFileError(f"{option}: weights file {file} not found")
     if file.suffix.lower() == ".safetensors":
         try:
             from safetensors.torch import load_file
         except ImportError as err:
-            raise ImportError(
+            raise MissingExtraError(
                 f"{option}: {file.name} needs safetensors: pip install safetensors"
             ) from err
         try:
             state: Any = load_file(str(file), device="cpu")
         except Exception as err:
-            raise ValueError(
+            raise InputError(
                 f"{option}: cannot read {file} as safetensors ({_first(err)})"
             ) from None
     else:
         try:
             state = torch.load(file, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
-            raise ValueError(
+            raise InputError(
                 f"{option}: {file} holds more than tensors and plain data; refused, since "
                 "unpickling it could run code"
             ) from None
         except Exception as err:
-            raise ValueError(f"{option}: cannot read {file} as weights ({_first(err)})") from None
+            raise InputError(f"{option}: cannot read {file} as weights ({_first(err)})") from None
     state = _unwrap(state)
     if not isinstance(state, Mapping) or not any(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{option}: {file} holds no state dict of tensors")
+        raise InputError(f"{option}: {file} holds no state dict of tensors")
     return strip_prefixes({k: v for k, v in state.items() if isinstance(v, Tensor)}, prefixes)
 
 
@@ -143,7 +145,7 @@ def load_strict(
     problems = mismatches(module.state_dict(), state, ignore=ignore)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ValueError(
+        raise InputError(
             f"{option}: {source} does not fit {model}: {problems[0]}{more}; "
             "expected a state dict of exactly this model"
         )

@@ -30,6 +30,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
 from ips.config import AugmentConfig
+from ips.errors import InputError
 
 # Ruifrok & Johnston (2001) stain vectors, one row per stain (haematoxylin, eosin, DAB), as in
 # skimage.color.rgb_from_hed; HED_FROM_RGB is its inverse (skimage.color.hed_from_rgb).
@@ -89,13 +90,13 @@ def hed_jitter(patches: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
         (n, 3, P, P) uint8, a new contiguous tensor.
     """
     if patches.ndim != 4 or patches.shape[1] != 3 or patches.dtype != torch.uint8:
-        raise ValueError(
+        raise InputError(
             f"hed_jitter needs RGB patches (n, 3, P, P) uint8, "
             f"got {tuple(patches.shape)} {patches.dtype}"
         )
     n, _, height, width = patches.shape
     if alpha.shape != (n, 3) or beta.shape != (n, 3):
-        raise ValueError(
+        raise InputError(
             f"alpha and beta must be ({n}, 3), one value per patch and stain, "
             f"got {tuple(alpha.shape)} and {tuple(beta.shape)}"
         )
@@ -130,11 +131,11 @@ class PatchAugment:
 
     def __init__(self, config: AugmentConfig, *, channels: int):
         if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
+            raise InputError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
         if channels == 1:
             for key in _RGB_ONLY:
                 if getattr(config, key) > 0:
-                    raise ValueError(
+                    raise InputError(
                         f"data.augment.{key} needs RGB patches (3 channels), got 1 channel: "
                         f"grey patches have no colour; set data.augment.{key} to 0"
                     )
@@ -176,14 +177,14 @@ class PatchAugment:
 
     def _check(self, patches: Tensor, generator: torch.Generator | None) -> None:
         if patches.ndim != 4 or patches.shape[1] != self.channels or patches.dtype != torch.uint8:
-            raise ValueError(
+            raise InputError(
                 f"patches must be (n, {self.channels}, P, P) uint8, "
                 f"got {tuple(patches.shape)} {patches.dtype}"
             )
         if self.config.flips and patches.shape[-1] != patches.shape[-2]:
-            raise ValueError(f"flips need square patches (n, C, P, P), got {tuple(patches.shape)}")
+            raise InputError(f"flips need square patches (n, C, P, P), got {tuple(patches.shape)}")
         if generator is not None and generator.device.type != "cpu":
-            raise ValueError(f"generator must be a CPU torch.Generator, got {generator.device}")
+            raise InputError(f"generator must be a CPU torch.Generator, got {generator.device}")
 
     @staticmethod
     def _flip(patches: Tensor, codes: Tensor) -> Tensor:

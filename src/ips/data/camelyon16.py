@@ -36,6 +36,7 @@ import numpy as np
 
 from ips.config import TaskSpec
 from ips.data.feature_bags import FeatureBagDataset, find_bag, open_feature_bag
+from ips.errors import InputError, MissingFileError
 from ips.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -90,9 +91,9 @@ def camelyon16_slides(root: str | os.PathLike, split: str) -> list[CamelyonSlide
     """
     root = Path(root)
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise InputError(f"split must be one of {SPLITS}, got {split!r}")
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such CAMELYON16 folder")
+        raise MissingFileError(f"{root}: no such CAMELYON16 folder")
     if split == "train":
         return _training_slides(root)
     return _test_slides(root)
@@ -108,7 +109,7 @@ def _slides_in(folder: Path) -> list[Path]:
 
 def _required_folder(folder: Path, what: str) -> Path:
     if not folder.is_dir():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{folder}: missing; a CAMELYON16 folder needs {what} (see ips.data.camelyon16)"
         )
     return folder
@@ -128,13 +129,13 @@ def _training_slides(root: Path) -> list[CamelyonSlide]:
     normal = _slides_in(_required_folder(root / "training" / "normal", "training/normal/*.tif"))
     tumor = _slides_in(_required_folder(root / "training" / "tumor", "training/tumor/*.tif"))
     if not normal and not tumor:
-        raise FileNotFoundError(f"{root / 'training'}: no .tif slides in normal/ or tumor/")
+        raise MissingFileError(f"{root / 'training'}: no .tif slides in normal/ or tumor/")
     _check_unique(normal + tumor)
     xmls = _xml_files([root / "training" / "lesion_annotations", root / "lesion_annotations"])
     tumor_names = {p.stem for p in tumor}
     unmatched = sorted(name for name in xmls if name not in tumor_names)
     if unmatched:
-        raise ValueError(
+        raise InputError(
             f"{xmls[unmatched[0]].parent}: lesion annotations for slides that are not in "
             f"training/tumor: {', '.join(unmatched[:5])}{', ...' if len(unmatched) > 5 else ''}"
         )
@@ -155,7 +156,7 @@ def _test_slides(root: Path) -> list[CamelyonSlide]:
     _check_unique(images)
     reference = root / "testing" / "reference.csv"
     if not reference.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{reference}: missing; the test labels come from this CSV "
             "(rows: image name, Tumor or Normal, ...)"
         )
@@ -165,14 +166,14 @@ def _test_slides(root: Path) -> list[CamelyonSlide]:
     absent = sorted(name for name in labels if name not in by_name)
     for names, what in ((unlisted, f"are not listed in {reference}"), (absent, "are missing")):
         if names:
-            raise ValueError(
+            raise InputError(
                 f"{root / 'testing'}: {len(names)} test image(s) {what}: "
                 f"{', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
             )
     xmls = {k.lower(): v for k, v in _xml_files([root / "testing" / "lesion_annotations"]).items()}
     stray = sorted(name for name in xmls if name not in by_name)
     if stray:
-        raise ValueError(
+        raise InputError(
             f"{root / 'testing' / 'lesion_annotations'}: annotations for slides that are not in "
             f"testing/images: {', '.join(stray[:5])}"
         )
@@ -187,7 +188,7 @@ def _check_unique(paths: Sequence[Path]) -> None:
     seen: dict[str, Path] = {}
     for path in paths:
         if path.stem in seen:
-            raise ValueError(f"two slides are called {path.stem}: {seen[path.stem]} and {path}")
+            raise InputError(f"two slides are called {path.stem}: {seen[path.stem]} and {path}")
         seen[path.stem] = path
 
 
@@ -206,7 +207,7 @@ def read_reference(path: str | os.PathLike) -> dict[str, int]:
             if kind not in LABELS:
                 if number == 1:  # a header
                     continue
-                raise ValueError(
+                raise InputError(
                     f"{path}, line {number}: expected 'name,Tumor' or 'name,Normal', got {row}"
                 )
             name = cells[0]
@@ -214,10 +215,10 @@ def read_reference(path: str | os.PathLike) -> dict[str, int]:
                 name = name.rsplit(".", 1)[0]
             name = name.lower()
             if name in labels:
-                raise ValueError(f"{path}, line {number}: {cells[0]} is listed twice")
+                raise InputError(f"{path}, line {number}: {cells[0]} is listed twice")
             labels[name] = LABELS[kind]
     if not labels:
-        raise ValueError(f"{path}: no labelled rows")
+        raise InputError(f"{path}: no labelled rows")
     return labels
 
 
@@ -243,13 +244,13 @@ def read_asap_xml(path: str | os.PathLike) -> list[Annotation]:
     """The outlines of an ASAP XML file (the format of the CAMELYON lesion annotations)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise MissingFileError(f"{path}: no such file")
     try:
         root = ET.parse(path).getroot()
     except ET.ParseError as err:
-        raise ValueError(f"{path}: not valid XML ({err})") from None
+        raise InputError(f"{path}: not valid XML ({err})") from None
     if root.tag != "ASAP_Annotations":
-        raise ValueError(f"{path}: expected an <ASAP_Annotations> document, got <{root.tag}>")
+        raise InputError(f"{path}: expected an <ASAP_Annotations> document, got <{root.tag}>")
     out = []
     for element in root.iter("Annotation"):
         points = []
@@ -259,7 +260,7 @@ def read_asap_xml(path: str | os.PathLike) -> list[Annotation]:
                 x = float(coordinate.get("X", "").replace(",", "."))
                 y = float(coordinate.get("Y", "").replace(",", "."))
             except ValueError:
-                raise ValueError(
+                raise InputError(
                     f"{path}: annotation {element.get('Name')!r} has a coordinate without "
                     f"numeric X and Y: {coordinate.attrib}"
                 ) from None
@@ -291,7 +292,7 @@ def write_asap_xml(
     """
     groups = [group] * len(polygons) if isinstance(group, str) else list(group)
     if len(groups) != len(polygons):
-        raise ValueError(f"got {len(polygons)} polygons but {len(groups)} groups")
+        raise InputError(f"got {len(polygons)} polygons but {len(groups)} groups")
     root = ET.Element("ASAP_Annotations")
     annotations = ET.SubElement(root, "Annotations")
     for i, (polygon, name) in enumerate(zip(polygons, groups, strict=True)):
@@ -394,15 +395,15 @@ class Camelyon16Bags(FeatureBagDataset):
     ) -> None:
         self.root = Path(root)
         if not [t for t in tasks if t.name == TASK and t.kind == "binary"] or len(tasks) != 1:
-            raise ValueError(
+            raise InputError(
                 f"model.tasks: the camelyon16 dataset has one binary task, {TASK!r}; "
                 f"got {[(t.name, t.kind) for t in tasks]}"
             )
         if missing not in ("fail", "skip"):
-            raise ValueError(f"data.options.missing must be 'fail' or 'skip', got {missing!r}")
+            raise InputError(f"data.options.missing must be 'fail' or 'skip', got {missing!r}")
         self.features = Path(features) if features is not None else self.root / "features"
         if not self.features.is_dir():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{self.features}: no feature-bag folder; write it with "
                 f"`ips extract-features {self.root} --out {self.features}`"
             )
@@ -420,7 +421,7 @@ class Camelyon16Bags(FeatureBagDataset):
                 f"({', '.join(absent[:5])}{', ...' if len(absent) > 5 else ''})"
             )
             if missing == "fail":
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"{message}; run `ips extract-features {self.root} --out {self.features}` "
                     "or set data.options.missing: skip"
                 )
@@ -428,7 +429,7 @@ class Camelyon16Bags(FeatureBagDataset):
         if indices is not None:
             found = [found[i] for i in indices]
         if not found:
-            raise ValueError(f"{self.root}: no {split} slide with a feature bag")
+            raise InputError(f"{self.root}: no {split} slide with a feature bag")
         self.split = split
         self.slides = [slide for slide, _ in found]
         super().__init__(

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ips.errors import InputError
 from ips.files import atomic_write
 from ips.sources import write_synthetic_slide
 
@@ -56,13 +57,13 @@ def write_synthetic_cohort(
     """
     width, height = (size, size) if isinstance(size, int) else size
     if slides < 2:
-        raise ValueError(f"slides must be >= 2, got {slides}")
+        raise InputError(f"slides must be >= 2, got {slides}")
     if not 0 < positive < 1:
-        raise ValueError(f"positive must be in (0, 1), got {positive}")
+        raise InputError(f"positive must be in (0, 1), got {positive}")
     if val < 0 or test < 0 or val + test >= 1:
-        raise ValueError(f"val and test must be >= 0 with val + test < 1, got {val} and {test}")
+        raise InputError(f"val and test must be >= 0 with val + test < 1, got {val} and {test}")
     if not 1 <= lesions[0] <= lesions[1]:
-        raise ValueError(f"lesions must be (fewest, most) with 1 <= fewest <= most, got {lesions}")
+        raise InputError(f"lesions must be (fewest, most) with 1 <= fewest <= most, got {lesions}")
     rng = np.random.default_rng(seed)
     labels = np.zeros(slides, dtype=int)
     labels[: round(slides * positive)] = 1

@@ -39,6 +39,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ips.config import TaskSpec
+from ips.errors import InputError, MissingExtraError, MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def import_h5py() -> Any:
     try:
         import h5py
     except ImportError as err:
-        raise ImportError(H5PY_HINT) from err
+        raise MissingExtraError(H5PY_HINT) from err
     return h5py
 
 
@@ -137,7 +138,7 @@ class FeatureBag:
         rows = np.asarray(self._rows(unique), dtype=np.float32)
         finite = np.isfinite(rows).all(axis=1)
         if not finite.all():
-            raise ValueError(
+            raise InputError(
                 f"{self.name}: features hold NaN or inf (patch {int(unique[~finite][0])} and "
                 f"{int((~finite).sum()) - 1} more of those read); re-extract this bag"
             )
@@ -185,16 +186,16 @@ class H5FeatureBag(FeatureBag):
         self.name = self.path.name
         h5py = import_h5py()
         if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: no such file")
+            raise MissingFileError(f"{self.path}: no such file")
         try:
             handle = h5py.File(self.path, "r")
         except OSError as err:
-            raise ValueError(f"{self.path}: cannot read as HDF5 ({_one_line(err)})") from None
+            raise InputError(f"{self.path}: cannot read as HDF5 ({_one_line(err)})") from None
         with handle:
             features, coords = _bag_arrays(self.path, handle)
             self._shape = _check_shape(str(self.path), features.shape, features.dtype)
             if tuple(coords.shape) != (self._shape[0], 2):
-                raise ValueError(
+                raise InputError(
                     f"{self.path}: coords must be (N, 2) = ({self._shape[0]}, 2), "
                     f"got {tuple(coords.shape)}"
                 )
@@ -237,14 +238,14 @@ def open_feature_bag(path: str | os.PathLike) -> FeatureBag:
     the features only (then the patches have no coords)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise MissingFileError(f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix in (".h5", ".hdf5"):
         return H5FeatureBag(path)
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
-        raise ValueError(f"{path}: cannot read as a numpy file ({_one_line(err)})") from None
+        raise InputError(f"{path}: cannot read as a numpy file ({_one_line(err)})") from None
     if isinstance(data, np.ndarray):  # .npy: the features alone
         _check_shape(str(path), data.shape, data.dtype)
         log.warning("%s: a .npy bag has no coords; no heatmap or GeoJSON for it", path)
@@ -269,7 +270,7 @@ def _bag_arrays(path: Path, container: Any) -> tuple[Any, Any]:
     keys = set(container.files if hasattr(container, "files") else container.keys())
     missing = [k for k in ("features", "coords") if k not in keys]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"{path}: a feature bag needs 'features' (N, F) and 'coords' (N, 2); "
             f"missing {', '.join(missing)} (has {', '.join(sorted(keys)) or 'nothing'})"
         )
@@ -278,18 +279,18 @@ def _bag_arrays(path: Path, container: Any) -> tuple[Any, Any]:
 
 def _check_shape(name: str, shape: tuple[int, ...], dtype: Any) -> tuple[int, int]:
     if len(shape) != 2 or shape[0] == 0:
-        raise ValueError(f"{name}: features must be (N, F) with N >= 1, got {tuple(shape)}")
+        raise InputError(f"{name}: features must be (N, F) with N >= 1, got {tuple(shape)}")
     if np.dtype(dtype).kind not in "fiu":
-        raise ValueError(f"{name}: features must be numbers, got {np.dtype(dtype)}")
+        raise InputError(f"{name}: features must be numbers, got {np.dtype(dtype)}")
     return int(shape[0]), int(shape[1])
 
 
 def _check_coords(name: str, coords: Any, num_patches: int) -> np.ndarray:
     coords = np.asarray(coords)
     if coords.shape != (num_patches, 2):
-        raise ValueError(f"{name}: coords must be (N, 2) = ({num_patches}, 2), got {coords.shape}")
+        raise InputError(f"{name}: coords must be (N, 2) = ({num_patches}, 2), got {coords.shape}")
     if coords.dtype.kind == "f" and not np.isfinite(coords).all():
-        raise ValueError(f"{name}: coords hold NaN or inf")
+        raise InputError(f"{name}: coords hold NaN or inf")
     return np.rint(coords).astype(np.int64)
 
 
@@ -371,12 +372,12 @@ class FeatureBagDataset(Dataset):
     ) -> None:
         self.bags = [Path(p) for p in bags]
         if len(labels) != len(self.bags):
-            raise ValueError(f"got {len(self.bags)} bags but {len(labels)} labels")
+            raise InputError(f"got {len(self.bags)} bags but {len(labels)} labels")
         self.names = list(names) if names is not None else [p.stem for p in self.bags]
         self.tasks = tuple(tasks)
         for task in self.tasks:
             if task.kind == "multilabel":
-                raise ValueError(
+                raise InputError(
                     f"model.tasks.{task.name}: feature-bag datasets serve binary and "
                     "multiclass tasks, not multilabel ones"
                 )
@@ -391,7 +392,7 @@ class FeatureBagDataset(Dataset):
                 if feature_dim is None:
                     feature_dim = bag.feature_dim
                 if bag.feature_dim != feature_dim:
-                    raise ValueError(
+                    raise InputError(
                         f"{path}: features have width F={bag.feature_dim}, "
                         f"expected F={feature_dim} (model.feature_dim)"
                     )
@@ -427,11 +428,11 @@ class FeatureBagDataset(Dataset):
 
 def _check_label(name: str, task: TaskSpec, label: Mapping[str, int]) -> None:
     if task.name not in label:
-        raise ValueError(f"{name}: no label for task {task.name!r} (has {sorted(label)})")
+        raise InputError(f"{name}: no label for task {task.name!r} (has {sorted(label)})")
     value = label[task.name]
     classes = 2 if task.kind == "binary" else task.num_classes
     if int(value) != value or not 0 <= value < classes:
-        raise ValueError(
+        raise InputError(
             f"{name}: label {value!r} of task {task.name!r} must be an integer in [0, {classes})"
         )
 
@@ -442,11 +443,11 @@ def read_labels_csv(path: str | os.PathLike) -> list[dict[str, str]]:
     without one are training slides)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: labels file not found")
+        raise MissingFileError(f"{path}: labels file not found")
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
         if reader.fieldnames is None or "slide" not in reader.fieldnames:
-            raise ValueError(
+            raise InputError(
                 f"{path}: a labels CSV needs a header with a 'slide' column, "
                 f"got {reader.fieldnames}"
             )
@@ -468,7 +469,7 @@ def labelled_bags(
         bag paths, labels (task -> int) and slide names, in the order of `rows`.
     """
     if missing not in ("fail", "skip"):
-        raise ValueError(f"data.options.missing must be 'fail' or 'skip', got {missing!r}")
+        raise InputError(f"data.options.missing must be 'fail' or 'skip', got {missing!r}")
     bags, labels, names, absent = [], [], [], []
     for row in rows:
         if ((row.get("split") or "").strip() or "train") != split:  # no split: training
@@ -480,7 +481,7 @@ def labelled_bags(
             try:
                 label[task.name] = int(raw)
             except ValueError:
-                raise ValueError(
+                raise InputError(
                     f"{source}: slide {name}: label of task {task.name!r} must be an integer, "
                     f"got {raw!r}"
                 ) from None
@@ -498,10 +499,10 @@ def labelled_bags(
             "extract them with `ips extract-features`"
         )
         if missing == "fail":
-            raise FileNotFoundError(message + " or set data.options.missing: skip")
+            raise MissingFileError(message + " or set data.options.missing: skip")
         log.warning("%s; left out", message)
     if not bags:
-        raise ValueError(f"{source}: no slide of the {split} split has a feature bag")
+        raise InputError(f"{source}: no slide of the {split} split has a feature bag")
     return bags, labels, names
 
 
@@ -527,18 +528,18 @@ class FeatureFile:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: no such file")
+            raise MissingFileError(f"{self.path}: no such file")
         with open(self.path, "rb") as fh:
             try:
                 version = np.lib.format.read_magic(fh)
                 if version not in _HEADER_READERS:
-                    raise ValueError(f"format version {version} is not supported")
+                    raise InputError(f"format version {version} is not supported")
                 shape, fortran, dtype = _HEADER_READERS[version](fh)
             except ValueError as err:
-                raise ValueError(f"{self.path}: not a readable .npy file ({err})") from None
+                raise InputError(f"{self.path}: not a readable .npy file ({err})") from None
             self.offset = fh.tell()
         if len(shape) != 2 or fortran or dtype.hasobject:
-            raise ValueError(
+            raise InputError(
                 f"{self.path}: expected a C-order (N, F) numeric array, got shape {shape}"
                 f"{' in Fortran order' if fortran else ''} of {dtype}"
             )
@@ -568,7 +569,7 @@ class FeatureFile:
             first, count = int(wanted[run[0]]), len(run)
             data = os.pread(fd, count * row_bytes, self.offset + first * row_bytes)
             if len(data) != count * row_bytes:
-                raise ValueError(f"{self.path}: file is shorter than its header says")
+                raise InputError(f"{self.path}: file is shorter than its header says")
             rows = np.frombuffer(data, dtype=self.dtype).reshape(count, self.shape[1])
             out[order[run]] = rows
         return out

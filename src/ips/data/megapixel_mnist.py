@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ips.errors import InputError, MissingFileError
 from ips.files import atomic_write
 
 from .mnist import MnistDigits
@@ -97,7 +98,7 @@ def generate_megapixel_mnist(
     """
     out = Path(out)
     if out.is_dir():
-        raise ValueError(f"out must be a file path, got the folder {out}")
+        raise InputError(f"out must be a file path, got the folder {out}")
     _check_count("num_train", num_train, minimum=1)
     _check_count("num_test", num_test, minimum=1)
     _check_count("num_noise", num_noise, minimum=0)
@@ -106,7 +107,7 @@ def generate_megapixel_mnist(
     for split in SPLITS:
         missing = sorted(set(range(NUM_CLASSES)) - set(getattr(digits, f"{split}_labels").tolist()))
         if missing:
-            raise ValueError(f"digits: the {split} split has no digits of classes {missing}")
+            raise InputError(f"digits: the {split} split has no digits of classes {missing}")
 
     template_seed, train_seed, test_seed = np.random.SeedSequence(seed).spawn(3)
     arrays: dict[str, np.ndarray] = {
@@ -260,7 +261,7 @@ def _place_digits(rng: np.random.Generator, count: int, canvas_size: tuple[int, 
 
 def _check_count(name: str, value: int, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _check_canvas_size(canvas_size: tuple[int, int]) -> tuple[int, int]:
@@ -268,13 +269,13 @@ def _check_canvas_size(canvas_size: tuple[int, int]) -> tuple[int, int]:
     try:
         height, width = (operator.index(side) for side in canvas_size)
     except (TypeError, ValueError):
-        raise ValueError(f"canvas_size must be two integers (H, W), got {canvas_size!r}") from None
+        raise InputError(f"canvas_size must be two integers (H, W), got {canvas_size!r}") from None
     blocked = (DIGITS_PER_IMAGE - 1) * (2 * DIGIT_SIZE - 1) ** 2
     if (
         min(height, width) < DIGIT_SIZE
         or (height - DIGIT_SIZE + 1) * (width - DIGIT_SIZE + 1) <= blocked
     ):
-        raise ValueError(
+        raise InputError(
             f"canvas_size must fit 5 non-overlapping 28 x 28 digits wherever they fall: "
             f"H, W >= 28 and (H - 27) * (W - 27) > {blocked} (e.g. 138 x 138), "
             f"got {canvas_size!r}"
@@ -333,9 +334,9 @@ class MegapixelMNIST(Dataset):
     ) -> None:
         self.path = Path(path)
         if split not in SPLITS:
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+            raise InputError(f"split must be 'train' or 'test', got {split!r}")
         if not self.path.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"Megapixel MNIST file {self.path} not found; write it with "
                 "generate_megapixel_mnist"
             )
@@ -344,7 +345,7 @@ class MegapixelMNIST(Dataset):
             with np.load(self.path, allow_pickle=False) as npz:
                 version = int(npz["format_version"])
                 if version != FORMAT_VERSION:
-                    raise ValueError(
+                    raise InputError(
                         f"Megapixel MNIST file {self.path}: expected format version "
                         f"{FORMAT_VERSION}, got {version}"
                     )
@@ -358,7 +359,7 @@ class MegapixelMNIST(Dataset):
                 self._noise_positions = npz[f"{split}_noise_positions"].astype(np.int64)
                 self._targets = {task: npz[f"{split}_target_{task}"] for task in TASKS}
         except KeyError as error:
-            raise ValueError(
+            raise InputError(
                 f"Megapixel MNIST file {self.path} lacks array {error}; "
                 "expected a file written by generate_megapixel_mnist"
             ) from None
@@ -368,7 +369,7 @@ class MegapixelMNIST(Dataset):
             reason = " ".join(str(error).split()) or type(error).__name__
             if not zipfile.is_zipfile(self.path):  # numpy would guess "a pickle"
                 reason = "not a zip archive"
-            raise ValueError(
+            raise InputError(
                 f"Megapixel MNIST file {self.path}: cannot read it as an .npz of plain arrays "
                 f"({reason[:200]}); expected a file written by generate_megapixel_mnist"
             ) from None
@@ -377,12 +378,12 @@ class MegapixelMNIST(Dataset):
         self._check_contents()
         stride = patch_size if stride is None else stride
         if not 1 <= patch_size <= min(height, width):
-            raise ValueError(
+            raise InputError(
                 f"patch_size must lie in 1..{min(height, width)} (the images of {self.path} "
                 f"are {height} x {width}), got {patch_size}"
             )
         if stride < 1:
-            raise ValueError(f"stride must be >= 1, got {stride}")
+            raise InputError(f"stride must be >= 1, got {stride}")
         self.patch_size = patch_size
         self.stride = stride
         self.grid_shape: tuple[int, int] = (
@@ -399,7 +400,7 @@ class MegapixelMNIST(Dataset):
             if len(self.image_ids) and not (
                 0 <= self.image_ids.min() and self.image_ids.max() < num_images
             ):
-                raise ValueError(
+                raise InputError(
                     f"indices must lie in 0..{num_images - 1} for the {split} split of "
                     f"{self.path}, got {self.image_ids.min()}..{self.image_ids.max()}"
                 )
@@ -424,10 +425,10 @@ class MegapixelMNIST(Dataset):
         for name, values, low, high, shape in checks:
             where = f"Megapixel MNIST file {self.path}: {self.split}_{name}"
             if shape is not None and values.shape != shape:
-                raise ValueError(f"{where} must have shape {shape}, found {values.shape}")
+                raise InputError(f"{where} must have shape {shape}, found {values.shape}")
             if values.size and (values.min() < low or values.max() > high):
                 bad = values[(values < low) | (values > high)].reshape(-1)[0]
-                raise ValueError(f"{where} must lie in {low}..{high}, found {bad}")
+                raise InputError(f"{where} must lie in {low}..{high}, found {bad}")
 
     def __len__(self) -> int:
         return len(self.image_ids)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ips.errors import InputError, MissingExtraError, MissingFileError
 from ips.files import atomic_write, download, sha256_of
 
 log = logging.getLogger(__name__)
@@ -80,17 +81,17 @@ class MnistDigits:
             labels = getattr(self, f"{split}_labels")
             where = f"{split} split of {self.source}"
             if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
-                raise ValueError(
+                raise InputError(
                     f"{where}: images must be uint8 (n, 28, 28), "
                     f"got {images.dtype} {tuple(images.shape)}"
                 )
             if labels.dtype != np.int64 or labels.shape != (len(images),):
-                raise ValueError(
+                raise InputError(
                     f"{where}: labels must be int64 ({len(images)},), "
                     f"got {labels.dtype} {tuple(labels.shape)}"
                 )
             if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
-                raise ValueError(
+                raise InputError(
                     f"{where}: labels must lie in 0..9, got {labels.min()}..{labels.max()}"
                 )
 
@@ -137,14 +138,14 @@ def _cache_dir(cache_dir: str | os.PathLike | None) -> Path:
 
 def _load_path(path: Path) -> MnistDigits:
     if not path.exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"MNIST path {path} does not exist; expected a folder of idx files or an .npz file"
         )
     if path.is_dir():
         return _load_idx_dir(path)
     if path.suffix == ".npz":
         return _load_npz(path)
-    raise ValueError(f"MNIST path {path} must be a folder of idx files or an .npz file")
+    raise InputError(f"MNIST path {path} must be a folder of idx files or an .npz file")
 
 
 def _load_npz(path: Path) -> MnistDigits:
@@ -152,7 +153,7 @@ def _load_npz(path: Path) -> MnistDigits:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
     except (OSError, ValueError) as error:
-        raise ValueError(f"cannot read MNIST file {path}: {error}") from error
+        raise InputError(f"cannot read MNIST file {path}: {error}") from error
     keys = set(arrays)
     if {"x_train", "y_train", "x_test", "y_test"} <= keys:
         x_train, y_train = arrays["x_train"], arrays["y_train"]
@@ -160,7 +161,7 @@ def _load_npz(path: Path) -> MnistDigits:
     elif {"x", "y"} <= keys:
         x, y = arrays["x"], arrays["y"]
         if len(x) != NUM_TOTAL or len(y) != NUM_TOTAL:
-            raise ValueError(
+            raise InputError(
                 f"MNIST file {path}: arrays x, y must have {NUM_TOTAL} rows "
                 f"(60000 train then 10000 test), got {len(x)} and {len(y)}"
             )
@@ -171,7 +172,7 @@ def _load_npz(path: Path) -> MnistDigits:
             y[NUM_TRAIN:],
         )
     else:
-        raise ValueError(
+        raise InputError(
             f"MNIST file {path} must hold arrays x, y or x_train, y_train, x_test, y_test; "
             f"got {sorted(keys)}"
         )
@@ -190,7 +191,7 @@ def _load_idx_dir(folder: Path) -> MnistDigits:
                 arrays["test_labels"],
                 source=f"MNIST idx files in {candidate}",
             )
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"MNIST folder {folder} lacks the idx files {', '.join(IDX_FILES.values())} "
         "(each may end in .gz, also looked in MNIST/raw/)"
     )
@@ -211,11 +212,11 @@ def _read_idx(file: Path) -> np.ndarray:
     magic = int.from_bytes(data[:4], "big")
     ndim = magic & 0xFF
     if ndim not in _IDX_MAGIC or magic != _IDX_MAGIC[ndim]:
-        raise ValueError(f"MNIST idx file {file}: expected magic 2049 or 2051, got {magic}")
+        raise InputError(f"MNIST idx file {file}: expected magic 2049 or 2051, got {magic}")
     shape = tuple(int.from_bytes(data[4 + 4 * d : 8 + 4 * d], "big") for d in range(ndim))
     offset = 4 + 4 * ndim
     if len(data) - offset != int(np.prod(shape)):
-        raise ValueError(
+        raise InputError(
             f"MNIST idx file {file}: header says shape {shape}, "
             f"but {len(data) - offset} values follow"
         )
@@ -233,7 +234,7 @@ def _from_arrays(
     """Check dtypes before the lossless cast of labels to int64."""
     for name, labels in (("y_train", y_train), ("y_test", y_test)):
         if not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"{source}: labels {name} must be integers, got {labels.dtype}")
+            raise InputError(f"{source}: labels {name} must be integers, got {labels.dtype}")
     return MnistDigits(
         train_images=np.ascontiguousarray(x_train),
         train_labels=y_train.astype(np.int64),
@@ -300,7 +301,7 @@ def _sklearn_digits() -> MnistDigits:
     try:
         from sklearn.datasets import load_digits
     except ImportError as error:
-        raise ImportError(
+        raise MissingExtraError(
             "MNIST was not found and the fallback digits need: pip install scikit-learn"
         ) from error
     from PIL import Image

@@ -10,6 +10,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ips.config import DEFAULT_TASKS, Config
+from ips.errors import InputError, MissingFileError
 
 DatasetBuilder = Callable[[Config, str, "np.ndarray | None"], "Dataset | None"]
 Resolver = Callable[[Config], Config]
@@ -33,7 +34,7 @@ def register_dataset(
 
     def wrap(fn: DatasetBuilder) -> DatasetBuilder:
         if name in _DATASETS:
-            raise ValueError(f"a dataset named {name!r} is already registered")
+            raise InputError(f"a dataset named {name!r} is already registered")
         _DATASETS[name] = fn
         if own_splits:
             _OWN_SPLITS.add(name)
@@ -54,7 +55,7 @@ def resolve_config(config: Config) -> Config:
 
 def _known(config: Config) -> None:
     if config.data.dataset not in _DATASETS:
-        raise ValueError(
+        raise InputError(
             f"data.dataset: unknown dataset {config.data.dataset!r}; "
             f"expected one of {list_datasets()}"
         )
@@ -78,7 +79,7 @@ def build_dataset(config: Config, split: str) -> Dataset:
     (``data.val_fraction``, seeded by ``train.seed``)."""
     dataset = _build(config, split)
     if dataset is None:
-        raise ValueError(
+        raise InputError(
             f"data.val_fraction is 0 and the {config.data.dataset} dataset has no validation split"
         )
     return dataset
@@ -93,7 +94,7 @@ def build_validation(config: Config) -> Dataset | None:
 def _build(config: Config, split: str) -> Dataset | None:
     data = config.data
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise InputError(f"split must be one of {SPLITS}, got {split!r}")
     _known(config)
     builder = _DATASETS[data.dataset]
     if split == "test" or data.dataset in _OWN_SPLITS:
@@ -107,10 +108,10 @@ def _build(config: Config, split: str) -> Dataset | None:
 
 def _require_path(config: Config) -> Path:
     if config.data.path is None:
-        raise ValueError(f"data.path: the {config.data.dataset} dataset needs a path")
+        raise InputError(f"data.path: the {config.data.dataset} dataset needs a path")
     path = Path(config.data.path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"data.path: {path} does not exist")
+        raise MissingFileError(f"data.path: {path} does not exist")
     return path
 
 
@@ -119,24 +120,24 @@ def _check_pixel_model(config: Config, channels: int, tasks: dict[str, tuple[str
     ``channels``-channel images labelled for ``tasks`` (name -> (kind, classes))."""
     model, name = config.model, config.data.dataset
     if model.encoder == "features":
-        raise ValueError(
+        raise InputError(
             f"model.encoder: the {name} dataset gives pixel patches, but the encoder "
             "'features' reads precomputed features"
         )
     if model.in_channels != channels:
-        raise ValueError(
+        raise InputError(
             f"model.in_channels: the {name} dataset has {channels}-channel images, "
             f"got {model.in_channels}"
         )
     for task in model.tasks:
         if task.name not in tasks:
-            raise ValueError(
+            raise InputError(
                 f"model.tasks.{task.name}: the {name} dataset has no such task; "
                 f"expected one of {', '.join(tasks)}"
             )
         kind, classes = tasks[task.name]
         if (task.kind, task.num_classes) != (kind, classes):
-            raise ValueError(
+            raise InputError(
                 f"model.tasks.{task.name}: the {name} dataset labels it {kind} with {classes} "
                 f"classes, got {task.kind} with {task.num_classes}"
             )
@@ -167,7 +168,7 @@ def _fixed_grid(config: Config, allowed: tuple[str, ...] = ()) -> None:
     for field in dataclasses.fields(GridConfig):
         name = field.name
         if name not in allowed and getattr(config.data.grid, name) != getattr(default, name):
-            raise ValueError(
+            raise InputError(
                 f"data.grid.{name}: the {config.data.dataset} dataset has a fixed patch grid "
                 f"and does not read it (data.grid applies to the table and image_folder "
                 "datasets)"
@@ -177,7 +178,7 @@ def _fixed_grid(config: Config, allowed: tuple[str, ...] = ()) -> None:
 def _options(config: Config, allowed: tuple[str, ...]) -> dict:
     unknown = sorted(set(config.data.options) - set(allowed))
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"data.options: unknown key(s) {', '.join(unknown)} for the {config.data.dataset} "
             f"dataset; expected some of {', '.join(allowed)}"
         )
@@ -240,10 +241,10 @@ def _traffic_signs(config: Config, split: str, indices: np.ndarray | None) -> Da
     options = _options(config, ("train_set", "image_size", "augment", "download", "sha256"))
     _fixed_grid(config)
     if config.data.path is None:
-        raise ValueError("data.path: the traffic_signs dataset needs a path")
+        raise InputError("data.path: the traffic_signs dataset needs a path")
     root = Path(config.data.path).expanduser()
     if not options.get("download") and not root.exists():
-        raise FileNotFoundError(f"data.path: {root} does not exist")
+        raise MissingFileError(f"data.path: {root} does not exist")
     return TrafficSigns(
         root,
         split,
@@ -275,14 +276,14 @@ def _rows(config: Config):
     if config.data.dataset == "table":
         return read_table(path, names), str(path)
     if len(config.model.tasks) != 1 or config.model.tasks[0].kind != "multiclass":
-        raise ValueError(
+        raise InputError(
             "model.tasks: an image folder has one multiclass task (its classes are the folder "
             f"names), got {', '.join(f'{t.name} ({t.kind})' for t in config.model.tasks)}"
         )
     rows, classes = read_image_folder(path, names[0])
     task = config.model.tasks[0]
     if task.classes is not None and set(task.classes) != set(classes):
-        raise ValueError(
+        raise InputError(
             f"model.tasks.{task.name}.classes: {path} has the class folders "
             f"{', '.join(classes)}, the config lists {', '.join(task.classes)}"
         )
@@ -299,7 +300,7 @@ def _resolved_images(config: Config):
     from ips.data.table import resolve_tasks
 
     if config.model.encoder == "features":
-        raise ValueError(
+        raise InputError(
             f"model.encoder: the {config.data.dataset} dataset gives pixel patches, but the "
             "encoder 'features' reads precomputed features (use data.dataset: feature_bags)"
         )
@@ -324,7 +325,7 @@ def _image_dataset(config: Config, split: str, indices: np.ndarray | None) -> Da
     if split == "test":
         chosen = split_rows(rows, "test")
         if not chosen:
-            raise ValueError(
+            raise InputError(
                 f"{source}: there is no test split (no row has split 'test'); "
                 "mark test rows in a split column"
             )
@@ -339,7 +340,7 @@ def _image_dataset(config: Config, split: str, indices: np.ndarray | None) -> Da
     if not fail:
         chosen = check_files(chosen, f"{source} ({split} split)", fail=False)
     if not chosen:
-        raise ValueError(f"{source}: the {split} split has no images")
+        raise InputError(f"{source}: the {split} split has no images")
     return ImageDataset(
         chosen,
         config.model.tasks,

@@ -46,7 +46,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ips.config import GridConfig, TaskSpec
-from ips.errors import located
+from ips.errors import InputError, MissingFileError, located
 from ips.sources import PatchSource, open_source
 from ips.sources.base import OPENSLIDE_SUFFIXES, PILLOW_SUFFIXES, TIFF_SUFFIXES
 from ips.sources.grid_cache import GridCache
@@ -102,14 +102,14 @@ def read_table(
     """
     path = Path(path).expanduser()
     if path.is_dir():
-        raise ValueError(
+        raise InputError(
             f"{path}: a folder; a table is a .csv or .tsv file (class folders: "
             "data.dataset: image_folder)"
         )
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such table")
+        raise MissingFileError(f"{path}: no such table")
     if path.suffix.lower() not in TABLE_SUFFIXES:
-        raise ValueError(f"{path}: a table must be a .csv or .tsv file")
+        raise InputError(f"{path}: a table must be a .csv or .tsv file")
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: Excel's UTF-8 mark
@@ -117,25 +117,25 @@ def read_table(
             header = [name.strip() for name in reader.fieldnames or []]
             records = [(reader.line_num, record) for record in reader]
     except (UnicodeDecodeError, csv.Error) as err:
-        raise ValueError(
+        raise InputError(
             f"{path}: cannot read as a {delimiter!r}-separated table ({err})"
         ) from None
     repeated = sorted({name for name in header if header.count(name) > 1})
     if repeated:
-        raise ValueError(f"{path}: the header names {', '.join(repeated)} more than once")
+        raise InputError(f"{path}: the header names {', '.join(repeated)} more than once")
     columns = {name: name for name in header}
     for name in RESERVED:  # "Path", "SPLIT", ...: the reserved columns in any case
         for column in header:
             if column.lower() == name and name not in columns:
                 columns[name] = column
     if "path" not in columns:
-        raise ValueError(
+        raise InputError(
             f"{path}: a table needs a 'path' column (the image or slide of each row); "
             f"the header has {', '.join(header) or 'nothing'}"
         )
     missing = [name for name in task_names if name not in header]
     if missing and require_tasks:
-        raise ValueError(
+        raise InputError(
             f"{path}: no column for task(s) {', '.join(missing)} of model.tasks; "
             f"the header has {', '.join(header)}"
         )
@@ -148,10 +148,10 @@ def read_table(
         if not any(cells.values()):
             continue  # a blank line
         if not cells.get("path"):
-            raise ValueError(f"{where}: the path cell is empty")
+            raise InputError(f"{where}: the path cell is empty")
         split = cells.get("split", "").lower()
         if split not in SPLIT_NAMES:
-            raise ValueError(
+            raise InputError(
                 f"{where}: split {cells['split']!r} is not one of train, val, test (or empty)"
             )
         mask = cells.get("mask") or None
@@ -165,7 +165,7 @@ def read_table(
             )
         )
     if not rows:
-        raise ValueError(f"{path}: the table has no rows")
+        raise InputError(f"{path}: the table has no rows")
     return rows
 
 
@@ -190,7 +190,7 @@ def read_image_folder(root: str | os.PathLike, task: str) -> tuple[list[Row], tu
 
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such image folder")
+        raise MissingFileError(f"{root}: no such image folder")
     splits = [name for name in ("train", "val", "test") if (root / name).is_dir()]
     if "train" not in splits:
         splits = []  # ROOT/<class>/*: no split folders
@@ -200,7 +200,7 @@ def read_image_folder(root: str | os.PathLike, task: str) -> tuple[list[Row], tu
         try:
             classes.update(find_classes(str(folder))[0])
         except FileNotFoundError:
-            raise ValueError(
+            raise InputError(
                 f"{folder}: no class folders; expected {folder}/<class>/<image> files"
             ) from None
     ordered = tuple(sorted(classes))
@@ -211,7 +211,7 @@ def read_image_folder(root: str | os.PathLike, task: str) -> tuple[list[Row], tu
         try:
             found = make_dataset(str(folder), present, extensions=tuple(sorted(IMAGE_SUFFIXES)))
         except FileNotFoundError as err:
-            raise ValueError(f"{folder}: {' '.join(str(err).split())}") from None
+            raise InputError(f"{folder}: {' '.join(str(err).split())}") from None
         for file, label in found:
             rows.append(Row(Path(file), {task: ordered[label]}, split, where=str(file)))
     return rows, ordered
@@ -248,7 +248,7 @@ def _resolve_task(rows: Sequence[Row], task: TaskSpec, source: str) -> TaskSpec:
     if named and len(named) < len(tokens):  # names where the other labels are integers
         row, token = named[0]
         example = next(t for _, t in tokens if _integer(t) is not None)
-        raise ValueError(
+        raise InputError(
             f"{row.where}: task {task.name}: {token!r} is not an integer, but other rows of "
             f"the column give integer labels (e.g. {example!r}); use one or the other, or "
             f"list the class names in model.tasks.{task.name}.classes"
@@ -256,7 +256,7 @@ def _resolve_task(rows: Sequence[Row], task: TaskSpec, source: str) -> TaskSpec:
     if named:
         names = tuple(sorted({t for _, t in named}))
         if task.num_classes is not None and task.num_classes != len(names):
-            raise ValueError(
+            raise InputError(
                 f"{source}: task {task.name} names {len(names)} classes ({', '.join(names)}), "
                 f"model.tasks.{task.name}.num_classes is {task.num_classes}; list all "
                 f"{task.num_classes} in model.tasks.{task.name}.classes"
@@ -265,7 +265,7 @@ def _resolve_task(rows: Sequence[Row], task: TaskSpec, source: str) -> TaskSpec:
     values = [(row, _integer(t)) for row, t in tokens]
     if task.num_classes is None:
         if not values:
-            raise ValueError(
+            raise InputError(
                 f"{source}: task {task.name} has no labels, so its number of classes is "
                 f"unknown; set model.tasks.{task.name}.num_classes"
             )
@@ -318,14 +318,14 @@ def _class_index(token: str, task: TaskSpec, where: str) -> int:
             return task.classes.index(token)
         value = _integer(token)
         if value is None:
-            raise ValueError(
+            raise InputError(
                 f"{where}: task {task.name}: unknown class {token!r}; expected one of "
                 f"{', '.join(task.classes)}"
             )
     else:
         value = _integer(token)
         if value is None:
-            raise ValueError(f"{where}: task {task.name}: {token!r} is not an integer label")
+            raise InputError(f"{where}: task {task.name}: {token!r} is not an integer label")
     _check_range(value, task, where)
     return value
 
@@ -333,7 +333,7 @@ def _class_index(token: str, task: TaskSpec, where: str) -> int:
 def _check_range(value: int, task: TaskSpec, where: str) -> None:
     if not 0 <= value < task.num_outputs:
         what = "labels" if task.kind == "multilabel" else "classes"
-        raise ValueError(
+        raise InputError(
             f"{where}: task {task.name}: label {value} is out of range; the task has "
             f"{task.num_outputs} {what} (0 to {task.num_outputs - 1})"
         )
@@ -352,7 +352,7 @@ def _binary(cell: str, task: TaskSpec, where: str) -> int:
         if task.classes
         else f" (or name the two classes, negative first, in model.tasks.{task.name}.classes)"
     )
-    raise ValueError(
+    raise InputError(
         f"{where}: task {task.name}: {cell!r} is not a binary label; expected 0, 1, true or "
         f"false{names}"
     )
@@ -381,7 +381,7 @@ def check_files(rows: Sequence[Row], source: str, *, fail: bool) -> list[Row]:
     shown = "; ".join(texts[:5]) + (f"; and {len(texts) - 5} more" if len(texts) > 5 else "")
     message = f"{source}: {len(texts)} file(s) not found: {shown}"
     if fail:
-        raise FileNotFoundError(message + " (or set data.on_error: skip to leave them out)")
+        raise MissingFileError(message + " (or set data.on_error: skip to leave them out)")
     log.warning("%s; left out", message)
     gone = {id(row) for row, _ in missing}
     return [row for row in rows if id(row) not in gone]
@@ -448,7 +448,7 @@ class ImageDataset(Dataset):
             raise renamed from err
         if self.channels is not None and source.channels != self.channels:
             source.close()
-            raise ValueError(
+            raise InputError(
                 f"{row.where}: {row.path.name} has {source.channels} channel(s), the model "
                 f"reads {self.channels} (model.in_channels)"
             )

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ips.errors import InputError, MissingFileError
 from ips.files import download, sha256_of
 
 log = logging.getLogger(__name__)
@@ -85,14 +86,14 @@ def _number(text: str, where: str) -> float:
             return float(value)
         except ValueError:
             value = value[:-1]
-    raise ValueError(f"{where}: expected a number, got {text!r}")
+    raise InputError(f"{where}: expected a number, got {text!r}")
 
 
 def parse_annotations(path: str | os.PathLike) -> list[tuple[str, list[Sign]]]:
     """Image file names and their signs, in file order (``MISC_SIGNS`` left out)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: annotations file not found")
+        raise MissingFileError(f"{path}: annotations file not found")
     out = []
     for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines()):
         line = line.strip()
@@ -100,7 +101,7 @@ def parse_annotations(path: str | os.PathLike) -> list[tuple[str, list[Sign]]]:
             continue
         where = f"{path}, line {number + 1}"
         if ":" not in line:
-            raise ValueError(f"{where}: expected '<image>:<signs>', got {line[:80]!r}")
+            raise InputError(f"{where}: expected '<image>:<signs>', got {line[:80]!r}")
         image, rest = line.split(":", 1)
         signs = []
         for entry in rest.split(";"):
@@ -108,12 +109,12 @@ def parse_annotations(path: str | os.PathLike) -> list[tuple[str, list[Sign]]]:
             if not parts[0] or parts[0] == "MISC_SIGNS":
                 continue
             if len(parts) < 7:
-                raise ValueError(
+                raise InputError(
                     f"{where}: a sign needs visibility, 4 coordinates, type and name, "
                     f"got {entry.strip()!r}"
                 )
             if parts[0] not in VISIBILITY:
-                raise ValueError(
+                raise InputError(
                     f"{where}: visibility must be one of {VISIBILITY}, got {parts[0]!r}"
                 )
             box = tuple(_number(p, where) for p in parts[1:5])
@@ -137,7 +138,7 @@ def speed_limit_images(root: str | os.PathLike, set_number: int) -> list[tuple[P
     folder = Path(root) / f"Set{set_number}"
     annotations = folder / "annotations.txt"
     if not annotations.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{annotations}: missing; fetch the sets with data.options.download: true or "
             "unpack them there (see ips.data.traffic_signs)"
         )
@@ -153,7 +154,7 @@ def speed_limit_images(root: str | os.PathLike, set_number: int) -> list[tuple[P
         else:
             kept.append((found, label))
     if missing:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{folder}: {len(missing)} annotated image(s) are missing "
             f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
         )
@@ -195,15 +196,15 @@ class TrafficSigns(Dataset):
         sha256: Mapping[str, str] | str | os.PathLike | None = None,
     ) -> None:
         if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+            raise InputError(f"split must be 'train' or 'test', got {split!r}")
         if train_set not in (1, 2):
-            raise ValueError(f"data.options.train_set must be 1 or 2, got {train_set!r}")
+            raise InputError(f"data.options.train_set must be 1 or 2, got {train_set!r}")
         self.root = Path(root)
         if download:
             download_traffic_signs(self.root, sha256=sha256)
         height, width = (int(v) for v in image_size)
         if height < patch_size or width < patch_size:
-            raise ValueError(f"image_size {height}x{width} is smaller than patch_size {patch_size}")
+            raise InputError(f"image_size {height}x{width} is smaller than patch_size {patch_size}")
         self.image_size = (height, width)
         self.patch_size = int(patch_size)
         self.grid_shape = (height // patch_size, width // patch_size)
@@ -212,7 +213,7 @@ class TrafficSigns(Dataset):
         if indices is not None:
             items = [items[i] for i in indices]
         if not items:
-            raise ValueError(f"{self.root / f'Set{self.set_number}'}: no image is kept")
+            raise InputError(f"{self.root / f'Set{self.set_number}'}: no image is kept")
         self.items = items
         self.split = split
         self.augment = split == "train" if augment is None else augment
@@ -269,7 +270,7 @@ def _digests(sha256: Mapping[str, str] | str | os.PathLike | None) -> dict[str, 
         return {str(k): str(v).lower() for k, v in sha256.items()}
     listing = Path(sha256)
     if not listing.is_file():
-        raise FileNotFoundError(f"{listing}: no such checksum file")
+        raise MissingFileError(f"{listing}: no such checksum file")
     out = {}
     for line in listing.read_text().splitlines():
         if line.strip():
@@ -298,7 +299,7 @@ def download_traffic_signs(
     digests = _digests(sha256)
     unknown = [name for name in FILES if name not in digests]
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"no SHA-256 known for {', '.join(unknown)}: pass the digests you trust "
             "(data.options.sha256: a mapping or a sha256sum file) so the download can be checked"
         )
@@ -320,6 +321,6 @@ def _unpack(archive: Path, folder: Path) -> None:
         for member in zf.infolist():
             target = (folder / member.filename).resolve()
             if not target.is_relative_to(folder.resolve()):
-                raise ValueError(f"{archive}: member {member.filename!r} would land outside")
+                raise InputError(f"{archive}: member {member.filename!r} would land outside")
             if not member.is_dir() and not target.exists():
                 zf.extract(member, folder)

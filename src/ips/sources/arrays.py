@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from ips.errors import InputError, MissingFileError
+
 from .base import PatchSource, TissueSpec
 
 
@@ -69,7 +71,7 @@ class ArraySource(PatchSource):
         shape = tuple(ref.shape)
         dtype = str(ref.dtype).replace("torch.", "")
         if dtype not in ("uint8", "bool") and not dtype.startswith(("float", "bfloat")):
-            raise ValueError(f"{name}: array must be uint8, bool or float in [0, 1], got {dtype}")
+            raise InputError(f"{name}: array must be uint8, bool or float in [0, 1], got {dtype}")
         self._float = dtype.startswith(("float", "bfloat"))
         self._bool = dtype == "bool"
         if len(shape) == 2:
@@ -82,7 +84,7 @@ class ArraySource(PatchSource):
                 elif shape[-1] in (1, 3) and shape[0] > shape[-1]:
                     channels_last = True
                 else:
-                    raise ValueError(
+                    raise InputError(
                         f"{name}: cannot tell the channel axis of shape {shape}; "
                         "pass channels_last="
                     )
@@ -92,7 +94,7 @@ class ArraySource(PatchSource):
             else:
                 channels, height, width = shape
         else:
-            raise ValueError(f"{name}: array must be (H, W), (H, W, C) or (C, H, W), got {shape}")
+            raise InputError(f"{name}: array must be (H, W), (H, W, C) or (C, H, W), got {shape}")
         self._array = array
         self.channels = int(channels)
         self.level_dimensions = ((int(width), int(height)),)
@@ -117,7 +119,7 @@ class ArraySource(PatchSource):
         if memmap is not None:
             filename, dtype, shape, offset, order = memmap
             if not os.path.exists(filename):
-                raise FileNotFoundError(f"{filename}: no such file (memory map of {self.name})")
+                raise MissingFileError(f"{filename}: no such file (memory map of {self.name})")
             self._array = np.memmap(
                 filename, dtype=dtype, mode="r", shape=shape, offset=offset, order=order
             )

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ips.config import GridConfig
+from ips.errors import InputError, MissingExtraError, MissingFileError
 
 from .grid_cache import GridCache, file_identity
 from .tissue import (
@@ -49,7 +50,7 @@ _BAND_BYTES = 32 * 2**20  # bytes of a level decoded at once while building a th
 TissueSpec = str | os.PathLike | np.ndarray | None
 
 
-class CannotReadError(ValueError):
+class CannotReadError(InputError):
     """A file exists but cannot be read as a slide or image (corrupt or unsupported)."""
 
 
@@ -58,14 +59,14 @@ def require(module: str) -> Any:
     try:
         return importlib.import_module(module)
     except (ImportError, OSError) as exc:  # OSError: openslide-python without its C library
-        raise ImportError(WSI_EXTRA_HINT) from exc
+        raise MissingExtraError(WSI_EXTRA_HINT) from exc
 
 
 def check_path(path: str | os.PathLike) -> Path:
     """Return `path` as a Path, or raise FileNotFoundError naming it."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise MissingFileError(f"{path}: no such file")
     return path
 
 
@@ -117,27 +118,27 @@ def choose_resolution(
     options = {"level": level, "downsample": downsample, "target_mpp": target_mpp}
     given = [key for key, value in options.items() if value is not None]
     if len(given) > 1:
-        raise ValueError(
+        raise InputError(
             f"{name}: give at most one of level, downsample, target_mpp; got {' and '.join(given)}"
         )
     downsamples = [float(d) for d in level_downsamples]
     if level is not None:
         if not 0 <= level < len(downsamples):
-            raise ValueError(f"{name}: level must be in [0, {len(downsamples)}), got {level}")
+            raise InputError(f"{name}: level must be in [0, {len(downsamples)}), got {level}")
         return Resolution(int(level), downsamples[level], False)
     if target_mpp is not None:
         if mpp is None:
-            raise ValueError(
+            raise InputError(
                 f"{name}: target_mpp={target_mpp} needs the microns per pixel of level 0, "
                 "which the file does not record; pass mpp="
             )
         if target_mpp <= 0 or mpp <= 0:
-            raise ValueError(f"{name}: target_mpp and mpp must be > 0, got {target_mpp} and {mpp}")
+            raise InputError(f"{name}: target_mpp and mpp must be > 0, got {target_mpp} and {mpp}")
         downsample = target_mpp / mpp
     if downsample is None:
         return Resolution(0, downsamples[0], False)
     if downsample <= 0:
-        raise ValueError(f"{name}: downsample must be > 0, got {downsample}")
+        raise InputError(f"{name}: downsample must be > 0, got {downsample}")
     finer = [k for k, d in enumerate(downsamples) if d <= downsample * (1 + rtol)]
     chosen = max(finer, key=lambda k: downsamples[k]) if finer else int(np.argmin(downsamples))
     if abs(downsamples[chosen] / downsample - 1) <= rtol:
@@ -228,10 +229,10 @@ class PatchSource(abc.ABC):
             self._lock = threading.RLock()
             self._opened_pid: int | None = None
         if int(patch_size) != patch_size or patch_size < 1:
-            raise ValueError(f"{self.name}: patch_size must be a positive int, got {patch_size!r}")
+            raise InputError(f"{self.name}: patch_size must be a positive int, got {patch_size!r}")
         stride = patch_size if stride is None else stride
         if int(stride) != stride or stride < 1:
-            raise ValueError(f"{self.name}: stride must be a positive int, got {stride!r}")
+            raise InputError(f"{self.name}: stride must be a positive int, got {stride!r}")
         self.patch_size, self.stride = int(patch_size), int(stride)
         res = choose_resolution(
             self.level_downsamples,
@@ -246,7 +247,7 @@ class PatchSource(abc.ABC):
         rows = (height - self.patch_size) // self.stride + 1 if height >= self.patch_size else 0
         cols = (width - self.patch_size) // self.stride + 1 if width >= self.patch_size else 0
         if rows == 0 or cols == 0:
-            raise ValueError(
+            raise InputError(
                 f"{self.name}: image is {width}x{height} at the read resolution, "
                 f"smaller than patch_size {self.patch_size}"
             )
@@ -309,7 +310,7 @@ class PatchSource(abc.ABC):
 
     def _tissue_ids(self, tissue: TissueSpec, min_tissue: float) -> np.ndarray:
         if not 0 <= min_tissue <= 1:
-            raise ValueError(f"{self.name}: min_tissue must be in [0, 1], got {min_tissue}")
+            raise InputError(f"{self.name}: min_tissue must be in [0, 1], got {min_tissue}")
         if isinstance(tissue, str) and tissue.lower() == "otsu":
             thumb, mask_downsample = self._thumbnail(TISSUE_THUMBNAIL_SIZE)
             mask, threshold = otsu_threshold_mask(thumb)
@@ -317,7 +318,7 @@ class PatchSource(abc.ABC):
         elif isinstance(tissue, np.ndarray):
             mask = np.asarray(tissue).astype(bool)
             if mask.ndim != 2:
-                raise ValueError(
+                raise InputError(
                     f"{self.name}: a tissue mask array must be (h, w), got {mask.shape}"
                 )
             w0, h0 = self.level0_size
@@ -401,9 +402,9 @@ class PatchSource(abc.ABC):
         """
         coords = np.asarray(coords)
         if coords.ndim != 2 or coords.shape[1] != 2 or len(coords) == 0:
-            raise ValueError(f"{self.name}: coords must be (n, 2) with n >= 1, got {coords.shape}")
+            raise InputError(f"{self.name}: coords must be (n, 2) with n >= 1, got {coords.shape}")
         if coords.dtype.kind not in "iuf" or not np.isfinite(coords).all():
-            raise ValueError(f"{self.name}: coords must be finite numbers, got {coords.dtype}")
+            raise InputError(f"{self.name}: coords must be finite numbers, got {coords.dtype}")
         other = copy.copy(self)
         other.__setstate__(self.__getstate__())  # own handles and lock
         origins = np.rint(coords[:, ::-1].astype(np.float64) / self.downsample).astype(np.int64)
@@ -534,7 +535,7 @@ class PatchSource(abc.ABC):
     def _thumbnail(self, max_size: int) -> tuple[np.ndarray, tuple[float, float]]:
         """Thumbnail and its (x, y) level-0 pixels per thumbnail pixel."""
         if max_size < 1:
-            raise ValueError(f"{self.name}: max_size must be >= 1, got {max_size}")
+            raise InputError(f"{self.name}: max_size must be >= 1, got {max_size}")
         dims, downs = self.level_dimensions, self.level_downsamples
         large = [k for k in range(len(dims)) if max(dims[k]) >= max_size]
         level = max(large, key=lambda k: downs[k]) if large else int(np.argmin(downs))
@@ -584,7 +585,7 @@ def grid_options(
     if mask is not None:
         tissue: TissueSpec = mask
     elif grid.tissue == "mask":
-        raise ValueError(
+        raise InputError(
             f"{name}: data.grid.tissue is 'mask', but the image has no mask (a table's mask "
             "column gives one per row)"
         )
@@ -663,12 +664,12 @@ def open_source(
         options = grid_options(grid, mask, name=str(path))
         twice = sorted(set(options) & set(kwargs))
         if twice:
-            raise ValueError(f"open_source: {', '.join(twice)} given twice (in grid and alone)")
+            raise InputError(f"open_source: {', '.join(twice)} given twice (in grid and alone)")
         kwargs.update(options)
     elif mask is not None:
-        raise ValueError("open_source: mask goes with grid; without one pass tissue=MASK")
+        raise InputError("open_source: mask goes with grid; without one pass tissue=MASK")
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
     path = check_path(path)
     if backend != "auto":
         return classes[backend](path, patch_size=patch_size, **kwargs)
@@ -680,7 +681,7 @@ def open_source(
             return OpenSlideSource(path, patch_size=patch_size, **kwargs)
         if suffix in TIFF_LIKE_SUFFIXES and _installed("tifffile"):
             return TiffSource(path, patch_size=patch_size, **kwargs)
-        raise ImportError(WSI_EXTRA_HINT)
+        raise MissingExtraError(WSI_EXTRA_HINT)
     if suffix in TIFF_SUFFIXES:
         if "series" not in kwargs and _openslide_format(path) is not None:
             try:

@@ -8,8 +8,8 @@ modification time), the reader, the resolution, the grid (P, stride) and the tis
 files in a folder, which worker processes and later runs share. A changed file or a changed
 grid gives another key; nothing needs clearing by hand.
 
-Files are written atomically (a temporary name, then a rename), so concurrent workers that
-compute the same grid both write a whole file and either wins.
+Files are written atomically (`ips.files.atomic_write`), so concurrent workers that compute the
+same grid both write a whole file and either wins.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ips.files import atomic_write
 
 from .tissue import EmptyTissueError
 
@@ -116,15 +117,8 @@ class GridCache:
         if self.folder is None:
             return
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    np.savez(fh, ids=ids, error=np.array(error))
-                os.replace(tmp, self.folder / f"{name}.npz")
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            with atomic_write(self.folder / f"{name}.npz") as fh:
+                np.savez(fh, ids=ids, error=np.array(error))
         except OSError as err:  # a read-only or full disk: the grids are computed again later
             if not self._warned:
                 log.warning("grid cache: cannot write into %s (%s)", self.folder, err)

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ips.errors import InputError
+from ips.files import atomic_write
+
 from .base import require
 
 _EOSIN = np.array([236.0, 160.0, 200.0], dtype=np.float32)  # pink stroma
@@ -144,7 +147,7 @@ class _Scene:
                 )
             )
         if lesions and not self.tissue:
-            raise ValueError("lesions need tissue: tissue_blobs must be > 0")
+            raise InputError("lesions need tissue: tissue_blobs must be > 0")
         self.lesions = []
         for _ in range(lesions):
             host = self.tissue[int(rng.integers(len(self.tissue)))]
@@ -250,15 +253,15 @@ def write_synthetic_slide(
     """
     tifffile = require("tifffile")
     if width < 1 or height < 1:
-        raise ValueError(f"width and height must be >= 1, got {width}x{height}")
+        raise InputError(f"width and height must be >= 1, got {width}x{height}")
     if tile_size < 16 or tile_size % 16:
-        raise ValueError(f"tile_size must be a positive multiple of 16, got {tile_size}")
+        raise InputError(f"tile_size must be a positive multiple of 16, got {tile_size}")
     if levels is None:
         levels = 1
         while max(width >> (levels - 1), height >> (levels - 1)) > tile_size:
             levels += 1
     if levels < 1:
-        raise ValueError(f"levels must be >= 1, got {levels}")
+        raise InputError(f"levels must be >= 1, got {levels}")
     scene = _Scene(
         width, height, seed=seed, blobs=tissue_blobs, lesions=lesions, background=background
     )
@@ -273,32 +276,27 @@ def write_synthetic_slide(
                 yield glass if tile is None else tile
 
     path = Path(path)
-    partial = path.with_name(path.name + ".part")
     options = {}
     if compression == "jpeg":
         options["compressionargs"] = {"level": quality}
-    try:
-        with tifffile.TiffWriter(partial, bigtiff=True) as tif:
-            for level in range(levels):
-                factor = 2**level
-                level_width, level_height = max(1, width >> level), max(1, height >> level)
-                tif.write(
-                    tiles(level_width, level_height, factor),
-                    shape=(level_height, level_width, 3),
-                    dtype=np.uint8,
-                    tile=(tile_size, tile_size),
-                    photometric="rgb",
-                    compression=compression,
-                    subfiletype=0 if level == 0 else 1,
-                    resolution=(1e4 / (mpp * factor), 1e4 / (mpp * factor)),
-                    resolutionunit="CENTIMETER",
-                    metadata=None,
-                    software="ips.sources.synthetic",
-                    **options,
-                )
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    with atomic_write(path, "w+b") as fh, tifffile.TiffWriter(fh, bigtiff=True) as tif:
+        for level in range(levels):
+            factor = 2**level
+            level_width, level_height = max(1, width >> level), max(1, height >> level)
+            tif.write(
+                tiles(level_width, level_height, factor),
+                shape=(level_height, level_width, 3),
+                dtype=np.uint8,
+                tile=(tile_size, tile_size),
+                photometric="rgb",
+                compression=compression,
+                subfiletype=0 if level == 0 else 1,
+                resolution=(1e4 / (mpp * factor), 1e4 / (mpp * factor)),
+                resolutionunit="CENTIMETER",
+                metadata=None,
+                software="ips.sources.synthetic",
+                **options,
+            )
     boxes = []
     for e in scene.lesions:
         x0, y0, x1, y1 = e.bbox()

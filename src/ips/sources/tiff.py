@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from ips.errors import InputError
+
 from .base import CannotReadError, PatchSource, TissueSpec, cannot_read, check_path, require
 from .grid_cache import GridCache
 
@@ -88,14 +90,14 @@ class _Level:
         self.width, self.height = int(keyframe.imagewidth), int(keyframe.imagelength)
         self.samples = int(keyframe.samplesperpixel)
         if getattr(keyframe, "imagedepth", 1) > 1:
-            raise ValueError("volumetric (ImageDepth > 1) TIFF pages are not supported")
+            raise InputError("volumetric (ImageDepth > 1) TIFF pages are not supported")
         if keyframe.dtype is None:
-            raise ValueError(
+            raise InputError(
                 f"sample format {keyframe.sampleformat}/{keyframe.bitspersample} bits not supported"
             )
         self.dtype = np.dtype(keyframe.dtype)
         if not (self.dtype == np.uint8 or self.dtype == np.uint16 or self.dtype.kind in "bf"):
-            raise ValueError(
+            raise InputError(
                 f"{self.dtype} pixels are not supported (expected uint8, uint16 or float)"
             )
         self.photometric = int(keyframe.photometric)
@@ -106,7 +108,7 @@ class _Level:
             _PHOTOMETRIC_PALETTE,
             _PHOTOMETRIC_YCBCR,
         ):
-            raise ValueError(
+            raise InputError(
                 f"photometric interpretation {keyframe.photometric!r} is not supported"
             )
         self.separate = int(keyframe.planarconfig) == 2 and self.samples > 1
@@ -122,7 +124,7 @@ class _Level:
         self.bytecounts = np.asarray(page.databytecounts, dtype=np.int64)
         per_plane = self.nx * self.ny
         if len(self.offsets) < per_plane * (self.samples if self.separate else 1):
-            raise ValueError(f"page has {len(self.offsets)} segments, expected {per_plane}")
+            raise InputError(f"page has {len(self.offsets)} segments, expected {per_plane}")
         self.decode = keyframe.decode  # tifffile's segment decoder (cached per page shape)
         self.decode_args: dict[str, Any] = {}
         if keyframe.jpegtables is not None:
@@ -276,7 +278,7 @@ class TiffSource(PatchSource):
                 levels = self._levels
                 channels = {lv.channels for lv in levels}
                 if len(channels) != 1:
-                    raise ValueError(
+                    raise InputError(
                         f"pyramid levels have different channel counts {sorted(channels)}"
                     )
                 file_mpp = self._file_mpp
@@ -312,9 +314,9 @@ class TiffSource(PatchSource):
         tifffile = require("tifffile")
         with tifffile.TiffFile(self.path) as tif:
             if not tif.series:
-                raise ValueError("no image in file")
+                raise InputError("no image in file")
             if not 0 <= self._series < len(tif.series):
-                raise ValueError(f"series must be in [0, {len(tif.series)}), got {self._series}")
+                raise InputError(f"series must be in [0, {len(tif.series)}), got {self._series}")
             series = tif.series[self._series]
             pages = [lv.pages[0] for lv in series.levels]
             levels = [_Level(tif, page, str(self.path), self.background) for page in pages]
@@ -324,7 +326,7 @@ class TiffSource(PatchSource):
         for k, lv in enumerate(levels):  # a truncated file fails here, not in the middle of a run
             ends = np.where(lv.offsets > 0, lv.offsets + lv.bytecounts, 0)
             if len(ends) and ends.max() > size:
-                raise ValueError(
+                raise InputError(
                     f"truncated: tile data of level {k} ends at byte {ends.max()}, "
                     f"the file has {size} bytes"
                 )

@@ -17,11 +17,13 @@ from typing import Any
 
 import numpy as np
 
+from ips.errors import InputError, MissingExtraError, MissingFileError
+
 MIN_SATURATION = 0.05  # floor on the Otsu threshold: keeps JPEG noise on blank glass out
 MASK_MAX_SIZE = 4096  # longest side of a rasterised GeoJSON mask
 
 
-class EmptyTissueError(ValueError):
+class EmptyTissueError(InputError):
     """No patch of a slide passes the tissue filter."""
 
 
@@ -41,7 +43,7 @@ def tissue_signal(image: np.ndarray) -> np.ndarray:
     if img.ndim == 2:
         img = img[..., None]
     if img.ndim != 3:
-        raise ValueError(f"image must be (h, w) or (h, w, C), got {img.shape}")
+        raise InputError(f"image must be (h, w) or (h, w, C), got {img.shape}")
     if img.shape[-1] < 3:
         return 1.0 - img[..., 0].astype(np.float32) / 255.0
     if img.dtype != np.uint8:
@@ -60,7 +62,7 @@ def otsu_threshold_mask(
     try:
         from skimage.filters import threshold_otsu
     except ImportError as exc:
-        raise ImportError(
+        raise MissingExtraError(
             "reading slides needs: pip install 'iterative-patch-selection[wsi]'"
         ) from exc
     signal = tissue_signal(image)
@@ -109,7 +111,7 @@ def tissue_patch_ids(
     """
     mask = np.asarray(mask).astype(bool)
     if mask.ndim != 2:
-        raise ValueError(f"mask must be (h, w), got {mask.shape}")
+        raise InputError(f"mask must be (h, w), got {mask.shape}")
     coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
     dsx, dsy = (
         (mask_downsample, mask_downsample) if np.isscalar(mask_downsample) else mask_downsample
@@ -148,12 +150,12 @@ def load_tissue_mask(
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise MissingFileError(f"{path}: no such file")
     if path.suffix.lower() in (".json", ".geojson"):
         try:
             geojson = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(
+            raise InputError(
                 f"{path}: cannot read as GeoJSON ({' '.join(str(exc).split())})"
             ) from None
         if downsample is None:
@@ -166,7 +168,7 @@ def load_tissue_mask(
         with Image.open(path) as img:
             mask = np.asarray(img.convert("L")) > 0
     except (OSError, UnidentifiedImageError) as exc:
-        raise ValueError(
+        raise InputError(
             f"{path}: cannot read as a mask image ({' '.join(str(exc).split())})"
         ) from None
     w0, h0 = level0_size
@@ -198,7 +200,7 @@ def rasterize_geojson(
 
     polygons = list(_polygons(geojson))
     if not polygons:
-        raise ValueError(f"{name}: no Polygon or MultiPolygon geometry found")
+        raise InputError(f"{name}: no Polygon or MultiPolygon geometry found")
     width = max(1, math.ceil(level0_size[0] / downsample))
     height = max(1, math.ceil(level0_size[1] / downsample))
     img = Image.new("L", (width, height), 0)
