@@ -38,6 +38,16 @@ TINY_MNIST_SETS = [  # `--set` overrides that shrink a shipped Megapixel MNIST c
 ]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run only where CUDA is (CI has none: they are skipped there)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def grid_cache_dir(tmp_path_factory):
     """Grid caches go to a folder of the test session, not to ~/.cache."""

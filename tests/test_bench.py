@@ -85,6 +85,7 @@ def test_feature_file_reads_rows_in_the_asked_order_and_pickles(tmp_path):
         rows.read([50])
 
 
+@pytest.mark.slow
 def test_memory_benchmark_runs_each_method_in_a_fresh_process_up_to_the_full_cap():
     records = bench_memory(
         input="features", num_patches=[40, 20], feature_dim=8, full_max=20, **TINY_BENCH
@@ -124,6 +125,7 @@ def test_a_measurement_past_its_timeout_is_reported_not_raised(tmp_path):
     assert record["status"].startswith("timeout") and record["peak_rss_mb"] is None
 
 
+@pytest.mark.slow
 def test_bench_memory_command_prints_json_lines_and_writes_results_and_a_plot(tmp_path, capsys):
     out = tmp_path / "out"
     code = main(

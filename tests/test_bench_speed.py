@@ -128,6 +128,7 @@ def _tiny_bench(variants: list[str], **options) -> list[dict]:
     )
 
 
+@pytest.mark.slow
 def test_bench_speed_measures_floor_step_inference_and_baseline(mnist_batch):
     records = _tiny_bench(["reference", "default"])
     by = {(r["measure"], r["variant"]): r for r in records}

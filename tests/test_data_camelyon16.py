@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from camelyon16_fixture import write_synthetic_camelyon16
 from ips.cli import main
 from ips.config import TaskSpec
 from ips.data.camelyon16 import (
@@ -17,7 +18,6 @@ from ips.data.camelyon16 import (
     read_asap_xml,
     read_reference,
     write_asap_xml,
-    write_synthetic_camelyon16,
 )
 
 

@@ -250,6 +250,7 @@ def test_ips_train_nproc_checks_the_batch_before_starting_processes(tiny_mnist, 
 # ---- equivalence with one process -----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_processes_with_half_batches_take_the_same_steps_as_one_process():
     # 5 images in batches of 4: the second step has one image, so one process stands in
     runs = [
@@ -284,6 +285,7 @@ def test_accumulating_two_micro_steps_of_half_a_batch_equals_one_step_of_the_bat
 # ---- runs -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_run_of_two_processes_resumes_in_one_process(tiny_mnist, tmp_path):
     run = tmp_path / "run"
     command = [

@@ -226,9 +226,11 @@ def test_the_normalisation_applied_is_the_registrys_for_training_and_extraction(
 
 
 def test_the_hub_refusal_names_the_model_and_its_gate(monkeypatch):
+    import huggingface_hub.constants
+
     from ips.encoders import build_timm
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without internet
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no internet
     with pytest.raises(FileNotFoundError) as err:
         build_timm(PRESETS["uni"], name="uni", pretrained=True, **TINY_VIT)
     message = str(err.value)

@@ -99,6 +99,7 @@ def straight(data, tmp_path_factory) -> Path:
 # ---- kill -9 and resume -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(data, straight, tmp_path):
     run_dir, log = tmp_path / "killed", tmp_path / "stderr.txt"
     with log.open("w") as stderr:

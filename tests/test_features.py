@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from camelyon16_fixture import write_synthetic_camelyon16
 from ips.cli import main
 from ips.config import GridConfig
-from ips.data.camelyon16 import write_synthetic_camelyon16
 from ips.data.feature_bags import open_feature_bag
 from ips.encoders import TIMM_HINT
 from ips.features import (

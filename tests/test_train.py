@@ -270,3 +270,20 @@ def test_augmented_deterministic_runs_agree_and_pretrained_weights_set_the_norma
     stored = load(tmp_path / "a" / "config.yaml")
     assert stored.model.normalize_mean == pytest.approx((0.449,))  # ImageNet's, averaged
     assert stored.model.normalize_std == pytest.approx((0.226,))
+
+
+@pytest.mark.gpu
+def test_a_training_step_runs_on_cuda_under_auto_precision(tiny):
+    import ips
+    from conftest import random_patches, random_targets
+    from ips.heads import compute_loss
+
+    device = torch.device("cuda")
+    model = ips.create_model(**{**tiny, "memory_size": 4, "chunk_size": 4}).to(device).train()
+    with autocast(device, "auto"):  # bf16 from Ampere on
+        out = model(random_patches(2, 12).to(device))
+    loss, _ = compute_loss(
+        out.logits, {k: v.to(device) for k, v in random_targets(2).items()}, model.tasks
+    )
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())

@@ -486,9 +486,9 @@ def test_pictures_are_written_atomically_and_a_failed_write_keeps_the_old_file(
 
 
 @pictures
-def test_missing_matplotlib_names_the_extra(tmp_path, monkeypatch):
+def test_missing_matplotlib_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    with pytest.raises(ImportError, match=r"pip install 'iterative-patch-selection\[viz\]'"):
+    with pytest.raises(ImportError, match=r"pictures need matplotlib.*pip install matplotlib"):
         viz.patch_gallery(np.zeros((1, 8, 8), np.uint8), np.zeros(1), out=tmp_path / "g.png")
     out = viz.patches_to_geojson(COORDS, SCORES, patch_size=100, out=tmp_path / "p.geojson")
     assert out.exists()  # GeoJSON needs no matplotlib

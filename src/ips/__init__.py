@@ -26,10 +26,10 @@ from ips.model import (
 )
 from ips.predict import Prediction, predict
 from ips.selection import Selection, eval_mode, gather_patches, select_patches
-
-__version__ = "0.1.0"
+from ips.version import __version__
 
 __all__ = [
+    "__version__",
     "AugmentConfig",
     "Config",
     "CrossAttentionPool",

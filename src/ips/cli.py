@@ -984,7 +984,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for ips train --nproc
     if args.version:
-        from ips import __version__
+        from ips.version import __version__
 
         print(__version__)
         return 0

@@ -353,6 +353,7 @@ def _positive(obj: Any, section: str, *names: str) -> None:
 def parse_tasks(value: Any, key: str = "model.tasks") -> tuple[TaskSpec, ...]:
     """Tasks from YAML: a mapping ``name -> {kind, num_classes}`` or a list of such mappings
     with a ``name`` field, or TaskSpec objects."""
+    items: list[Any]
     if isinstance(value, Mapping):
         items = []
         for name, spec in value.items():
@@ -394,7 +395,7 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected None, got {value!r}")
     if annotation is Any:
         return value
-    if dataclasses.is_dataclass(annotation):
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
         if isinstance(value, annotation):
             return value
         if isinstance(value, Mapping):
@@ -586,7 +587,8 @@ def replace_fields(config: Config, **overrides: Any) -> Config:
 
     ``replace_fields(cfg, memory_size=10, embed_dim=64, tasks={...})``.
     """
-    model, selection = {}, {}
+    model: dict[str, Any] = {}
+    selection: dict[str, Any] = {}
     model_hints = typing.get_type_hints(ModelConfig)
     selection_hints = typing.get_type_hints(SelectionConfig)
     for key, value in overrides.items():

@@ -65,7 +65,8 @@ def identical_groups(patches: Tensor) -> tuple[Tensor, Tensor]:
         return first, inverse
     # a dict of row bytes: linear time, where sorting rows (torch.unique(dim=0)) is ~50x slower
     groups: dict[bytes, int] = {}
-    inverse_list, first_list = [], []
+    inverse_list: list[int] = []
+    first_list: list[int] = []
     for i, row in enumerate(flat.contiguous().numpy()):
         group = groups.setdefault(row.tobytes(), len(groups))
         if group == len(first_list):

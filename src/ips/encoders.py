@@ -72,6 +72,8 @@ def weights_normalization(
         mean, std = _NORMALIZATION[name]
     else:
         return None
+    if mean is None or std is None:
+        return None
     if in_channels == len(mean):
         return tuple(mean), tuple(std)
     if in_channels == 1:
@@ -149,7 +151,7 @@ class ResNetTrunk(nn.Module):
     Input (n, C, P, P), output (n, D).
     """
 
-    def __init__(self, resnet: nn.Module, *, blocks: int, out_width: int, embed_dim: int):
+    def __init__(self, resnet: Any, *, blocks: int, out_width: int, embed_dim: int):
         super().__init__()
         layers = ["layer1", "layer2", "layer3", "layer4"][:blocks]
         self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
@@ -403,11 +405,13 @@ class TimmEncoder(nn.Module):
     encoder is frozen.
     """
 
+    trunk: Any  # a timm model (its attributes are timm's: num_features, forward_features, ...)
+
     def __init__(self, trunk: nn.Module, preset: TimmPreset, *, embed_dim: int | None = None):
         super().__init__()
         self.trunk = trunk
         self.preset = preset
-        self.width = int(trunk.num_features) * (2 if preset.embedding == "cls_mean" else 1)
+        self.width = int(self.trunk.num_features) * (2 if preset.embedding == "cls_mean" else 1)
         dim = embed_dim or self.width
         self.proj = nn.Linear(self.width, dim) if dim != self.width else nn.Identity()
         self.out_dim = dim
@@ -521,7 +525,7 @@ def fetch_weights(preset: TimmPreset, name: str) -> str:
     raise InputError(f"model.pretrained: {name} has no published weights; give a file's path")
 
 
-def dinov2_from_hf(state: dict[str, Tensor], trunk: nn.Module) -> dict[str, Tensor]:
+def dinov2_from_hf(state: dict[str, Tensor], trunk: Any) -> dict[str, Tensor]:
     """A Hugging Face ``Dinov2Model`` (or ``Dinov2WithRegistersModel``) state dict in the keys
     of timm's VisionTransformer (query, key and value concatenated into ``qkv``); Meta's
     DINOv2 keys go through `dinov2_to_timm`; timm's keys pass unchanged (and are checked as
@@ -577,10 +581,10 @@ def dinov2_from_hf(state: dict[str, Tensor], trunk: nn.Module) -> dict[str, Tens
                 out[block + parts.get(module, module) + "." + leaf] = value
         else:
             out[key] = value
-    for index, qkv in layers.items():
+    for number, qkv in layers.items():
         for leaf in ("weight", "bias"):
             if f"query.{leaf}" in qkv:
-                out[f"blocks.{index}.attn.qkv.{leaf}"] = torch.cat(
+                out[f"blocks.{number}.attn.qkv.{leaf}"] = torch.cat(
                     [qkv[f"{name}.{leaf}"] for name in ("query", "key", "value")]
                 )
     for prefix, halves in swiglu.items():  # "blocks.3.weight" -> "blocks.3.mlp.fc1.weight"
@@ -594,7 +598,7 @@ def dinov2_from_hf(state: dict[str, Tensor], trunk: nn.Module) -> dict[str, Tens
     return out
 
 
-def dinov2_to_timm(state: dict[str, Tensor], trunk: nn.Module) -> dict[str, Tensor]:
+def dinov2_to_timm(state: dict[str, Tensor], trunk: Any) -> dict[str, Tensor]:
     """timm's own conversion of DINOv2 checkpoints (Meta's keys: ``register_tokens``,
     ``mlp.w12``, the class position folded into ``cls_token`` where the model has none, the
     position grid and patch kernel resampled to the model's), as timm applies it when it
@@ -604,7 +608,7 @@ def dinov2_to_timm(state: dict[str, Tensor], trunk: nn.Module) -> dict[str, Tens
     return checkpoint_filter_fn(dict(state), trunk)
 
 
-def conch_v1_5_positions(state: dict[str, Tensor], tower: nn.Module) -> dict[str, Tensor]:
+def conch_v1_5_positions(state: dict[str, Tensor], tower: Any) -> dict[str, Tensor]:
     """CONCH v1.5's position embedding as its own code uses it at 448 pixels: a grid other than
     the trunk's 28 x 28 is resampled to the 14 x 14 grid of 224 pixels (bilinear, as its loader
     does), then to 28 x 28 DINO's way (bicubic, scale (28 + 0.1) / 14, as its forward does),
@@ -669,7 +673,9 @@ class ConchTower(nn.Module):
     (``trunk.*``, ``attn_pool_contrast.*``, ``ln_contrast.*``).
     """
 
-    def __init__(self, trunk: nn.Module, d_model: int = 768):
+    trunk: Any  # timm's VisionTransformer
+
+    def __init__(self, trunk: Any, d_model: int = 768):
         super().__init__()
         self.trunk = trunk
         self.attn_pool_contrast = AttentionalPooler(

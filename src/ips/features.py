@@ -319,7 +319,7 @@ def extract_slide(
         N, the number of tiles encoded.
     """
     h5py = import_h5py()
-    from ips import __version__
+    from ips.version import __version__
 
     device = torch.device(device)
     slide = Path(slide)

@@ -78,6 +78,9 @@ class IPSModel(nn.Module):
         selection: memory size M, chunk size I, loading mode.
     """
 
+    normalize_mean: Tensor | None  # (1, C, 1, 1) buffers of model.normalize_mean / _std
+    normalize_std: Tensor | None
+
     def __init__(self, model: ModelConfig, selection: SelectionConfig | None = None):
         super().__init__()
         self.model_config = model
@@ -167,7 +170,7 @@ class IPSModel(nn.Module):
             )
         if x.dtype == torch.uint8:
             x = x.float().div_(255.0)
-            if self.normalize_mean is not None:
+            if self.normalize_mean is not None and self.normalize_std is not None:
                 x = (x - self.normalize_mean) / self.normalize_std
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

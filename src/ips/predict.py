@@ -52,7 +52,7 @@ from ips.config import GridConfig, TaskSpec, replace_fields
 from ips.data.feature_bags import FEATURE_SUFFIXES, FeatureBag, open_feature_bag
 from ips.data.table import TABLE_SUFFIXES, read_table, split_rows
 from ips.data.table import Row as TableRow
-from ips.errors import InputError, MissingExtraError, MissingFileError, one_line
+from ips.errors import InputError, MissingFileError, one_line
 from ips.heads import predictions, probabilities
 from ips.model import IPSModel, load_model_and_config
 from ips.selection import ScoreMap, Selection, eval_mode
@@ -109,7 +109,7 @@ class _Item:
     name: str  # unique output name
     path: Path | None  # the file, None for an array
     array: Any = None  # an in-memory image
-    mask: Path | None = None  # its tissue mask (a table's mask column, or the call's mask)
+    mask: Path | np.ndarray | None = None  # its tissue mask (a table's, or the call's)
     row: TableRow | None = None  # the table row it came from (labels, line)
 
 
@@ -158,7 +158,7 @@ def _expand(
     if not named:
         raise InputError("no inputs to predict (empty list, or folders without supported files)")
     items, seen = [], set()
-    for name, path, array, row in named:
+    for name, file, array, row in named:
         base = re.sub(r"[^\w.-]+", "_", name).strip("._") or "input"
         unique, n = base, 1
         while unique in seen:
@@ -166,7 +166,7 @@ def _expand(
             unique = f"{base}-{n}"
         seen.add(unique)
         where = row.mask if row is not None and row.mask is not None else mask
-        items.append(_Item(unique, path, array, where, row))
+        items.append(_Item(unique, file, array, where, row))
     return items
 
 
@@ -181,6 +181,7 @@ def _open(item: _Item, model: IPSModel, grid: GridConfig) -> PatchSource | Featu
                 f"{label}: the model reads precomputed features (encoder 'features'); "
                 f"give feature bags ({', '.join(sorted(FEATURE_SUFFIXES))}), not images"
             )
+        assert item.path is not None  # is_bag
         bag = open_feature_bag(item.path)
         if bag.feature_dim != cfg.feature_dim:
             bag.close()
@@ -193,6 +194,7 @@ def _open(item: _Item, model: IPSModel, grid: GridConfig) -> PatchSource | Featu
         raise InputError(
             f"{label}: a feature bag, but the model reads pixels (encoder {cfg.encoder!r})"
         )
+    source: PatchSource
     if item.array is not None:
         kwargs = grid_options(grid, item.mask, name=label)
         files_only = sorted({"level", "downsample", "target_mpp"} & set(kwargs))
@@ -206,6 +208,7 @@ def _open(item: _Item, model: IPSModel, grid: GridConfig) -> PatchSource | Featu
             **kwargs,
         )
     else:
+        assert item.path is not None  # an item is a file or an array
         source = open_source(item.path, patch_size=cfg.patch_size, grid=grid, mask=item.mask)
     if source.channels != cfg.in_channels:
         source.close()
@@ -349,16 +352,10 @@ def predict(
         raise InputError(f"gallery_k must be >= 0, got {gallery_k}")
     if on_error == "fail":  # a mistyped path fails now, not after the inputs before it
         single = isinstance(inputs, (str, os.PathLike, np.ndarray, Tensor))
-        for entry in [inputs] if single else inputs:
+        entries: Sequence[Any] = [inputs] if single else list(inputs)  # type: ignore[arg-type]
+        for entry in entries:
             if isinstance(entry, (str, os.PathLike)) and not Path(entry).exists():
                 raise MissingFileError(f"{entry}: no such file or folder")
-    if heatmaps and out_dir is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError as err:
-            raise MissingExtraError(
-                "pictures need: pip install 'iterative-patch-selection[viz]' (or heatmaps=False)"
-            ) from err
     overrides = {
         k: v for k, v in (("memory_size", memory_size), ("chunk_size", chunk_size)) if v is not None
     }
@@ -479,7 +476,7 @@ def _prediction(
         all_scores=all_scores[b],
         all_coords=np.asarray(coords, dtype=np.int64),
         patch_size=float(container.patch_size_level0),
-        image_size=tuple(int(v) for v in container.level0_size),
+        image_size=(int(container.level0_size[0]), int(container.level0_size[1])),
     )
 
 

@@ -255,7 +255,9 @@ class Candidates(NamedTuple):
 
     def cat(self, other: Candidates) -> Candidates:
         """This set and ``other`` side by side: (B, K + K', ...)."""
-        keys = None if self.keys is None else torch.cat([self.keys, other.keys], dim=1)
+        keys = None
+        if self.keys is not None and other.keys is not None:
+            keys = torch.cat([self.keys, other.keys], dim=1)
         return Candidates(
             torch.cat([self.emb, other.emb], dim=1),
             torch.cat([self.ids, other.ids], dim=1),
@@ -299,7 +301,7 @@ def score_candidates(
     scores = scores.masked_fill(~valid, float("-inf"))
     if observe is not None:
         observe(candidates.ids, scores.cpu(), candidates.valid)
-    if distinct:  # one copy of identical patches competes; the others drop out
+    if distinct and candidates.keys is not None:  # one copy of identical patches competes
         copies = duplicates(candidates.keys, candidates.valid).to(device)
         scores = scores.masked_fill(copies, float("-inf"))
     return scores

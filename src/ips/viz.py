@@ -4,7 +4,7 @@ Numpy in, files out. K patches are given by their level-0 top-left corners ``coo
 as (x, y) pixels, x to the right and y down, a square side ``patch_size`` in level-0 pixels,
 and one attention score each, ``scores`` (K,).
 
-Pictures need matplotlib (the ``viz`` extra); it is imported only by the functions that draw,
+Pictures need matplotlib (a dependency of ips); it is imported only by the functions that draw,
 and only through ``Figure`` + the Agg canvas, so nothing touches pyplot's global state and
 pictures can be drawn from several threads. GeoJSON needs nothing beyond the standard library.
 Every file is written atomically: to a temporary file in the target folder, then renamed.
@@ -762,7 +762,7 @@ class _Mpl:
             from matplotlib.patheffects import withStroke
         except ImportError as err:
             raise MissingExtraError(
-                "pictures need: pip install 'iterative-patch-selection[viz]'"
+                "pictures need matplotlib, a dependency of ips: pip install matplotlib"
             ) from err
         self.colormaps = matplotlib.colormaps
         self.FigureCanvasAgg = FigureCanvasAgg

@@ -573,13 +573,14 @@ BACKENDS = ("auto", "openslide", "tifffile", "pillow")
 
 
 def grid_options(
-    grid: GridConfig, mask: str | os.PathLike | None = None, *, name: str = "image"
+    grid: GridConfig, mask: TissueSpec = None, *, name: str = "image"
 ) -> dict[str, Any]:
     """The source keyword arguments of a grid: stride, resolution, tissue filter.
 
     Args:
         grid: the grid settings (``data.grid``).
-        mask: this image's tissue mask (image or GeoJSON); it wins over ``grid.tissue``.
+        mask: this image's tissue mask (image or GeoJSON, or a boolean array); it wins over
+            ``grid.tissue``.
         name: the image, for the error when ``grid.tissue`` is "mask" and there is none.
     """
     if mask is not None:
@@ -625,7 +626,7 @@ def open_source(
     *,
     patch_size: int,
     grid: GridConfig | None = None,
-    mask: str | os.PathLike | None = None,
+    mask: TissueSpec = None,
     backend: str = "auto",
     **kwargs: Any,
 ) -> PatchSource:
