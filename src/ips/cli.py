@@ -796,19 +796,9 @@ def _add_bench_memory(bench: Any) -> None:
 
 def cmd_bench_memory(args: argparse.Namespace) -> int:
     from ips.bench import bench_memory, memory_table, plot_memory
+    from ips.bench.memory import POSITIVE_FIELDS
 
-    _check_positive(
-        args,
-        "num_patches",
-        "batch_size",
-        "memory_size",
-        "chunk_size",
-        "patch_size",
-        "feature_dim",
-        "embed_dim",
-        "encoder_batch_size",
-        "threads",
-    )
+    _check_positive(args, "num_patches", "encoder_batch_size", *POSITIVE_FIELDS)
     if args.full_max < 0:
         raise ConfigError(f"--full-max must be >= 0, got {args.full_max}")
     if args.timeout is not None and not args.timeout > 0:

@@ -722,6 +722,32 @@ KAIKO_RELEASES = "https://github.com/kaiko-ai/towards_large_pathology_fms/releas
 HIBOU_MEAN, HIBOU_STD = (0.7068, 0.5755, 0.7220), (0.1950, 0.2316, 0.1816)
 H_OPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 H_OPTIMUS_STD = (0.211883, 0.230117, 0.177517)
+_VIRCHOW = TimmPreset(
+    cpu_batch_size=4,
+    arch="vit_huge_patch14_224",
+    kwargs=(
+        ("img_size", 224),
+        ("init_values", 1e-5),
+        ("mlp_ratio", 5.3375),
+        ("global_pool", ""),
+        ("dynamic_img_size", True),
+        *_SWIGLU,
+    ),
+    width=2560,
+    interpolation="bicubic",
+    embedding="cls_mean",
+    hub_id="paige-ai/Virchow",
+    gated=True,
+)
+_H_OPTIMUS_0 = TimmPreset(
+    cpu_batch_size=4,
+    arch="vit_giant_patch14_reg4_dinov2",
+    kwargs=(("img_size", 224), ("init_values", 1e-5), ("dynamic_img_size", False)),
+    width=1536,
+    mean=H_OPTIMUS_MEAN,
+    std=H_OPTIMUS_STD,
+    hub_id="bioptimus/H-optimus-0",
+)
 PRESETS: dict[str, TimmPreset] = {
     "uni": TimmPreset(
         arch="vit_large_patch16_224",
@@ -750,60 +776,12 @@ PRESETS: dict[str, TimmPreset] = {
         hub_id="MahmoodLab/UNI2-h",
         gated=True,
     ),
-    "virchow": TimmPreset(
-        cpu_batch_size=4,
-        arch="vit_huge_patch14_224",
-        kwargs=(
-            ("img_size", 224),
-            ("init_values", 1e-5),
-            ("mlp_ratio", 5.3375),
-            ("global_pool", ""),
-            ("dynamic_img_size", True),
-            *_SWIGLU,
-        ),
-        width=2560,
-        interpolation="bicubic",
-        embedding="cls_mean",
-        hub_id="paige-ai/Virchow",
-        gated=True,
+    "virchow": _VIRCHOW,
+    "virchow2": dataclasses.replace(
+        _VIRCHOW, kwargs=(*_VIRCHOW.kwargs, ("reg_tokens", 4)), hub_id="paige-ai/Virchow2"
     ),
-    "virchow2": TimmPreset(
-        cpu_batch_size=4,
-        arch="vit_huge_patch14_224",
-        kwargs=(
-            ("img_size", 224),
-            ("init_values", 1e-5),
-            ("mlp_ratio", 5.3375),
-            ("global_pool", ""),
-            ("dynamic_img_size", True),
-            ("reg_tokens", 4),
-            *_SWIGLU,
-        ),
-        width=2560,
-        interpolation="bicubic",
-        embedding="cls_mean",
-        hub_id="paige-ai/Virchow2",
-        gated=True,
-    ),
-    "h_optimus_0": TimmPreset(
-        cpu_batch_size=4,
-        arch="vit_giant_patch14_reg4_dinov2",
-        kwargs=(("img_size", 224), ("init_values", 1e-5), ("dynamic_img_size", False)),
-        width=1536,
-        mean=H_OPTIMUS_MEAN,
-        std=H_OPTIMUS_STD,
-        hub_id="bioptimus/H-optimus-0",
-    ),
-    "h_optimus_1": TimmPreset(
-        cpu_batch_size=4,
-        arch="vit_giant_patch14_reg4_dinov2",
-        kwargs=(("img_size", 224), ("init_values", 1e-5), ("dynamic_img_size", False)),
-        width=1536,
-        mean=H_OPTIMUS_MEAN,
-        std=H_OPTIMUS_STD,
-        hub_id="bioptimus/H-optimus-1",
-        gated=True,
-    ),
+    "h_optimus_0": _H_OPTIMUS_0,
+    "h_optimus_1": dataclasses.replace(_H_OPTIMUS_0, hub_id="bioptimus/H-optimus-1", gated=True),
     "prov_gigapath": TimmPreset(
         cpu_batch_size=4,
         arch="vit_giant_patch14_dinov2",

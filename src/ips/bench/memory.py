@@ -51,6 +51,10 @@ logger = logging.getLogger(__name__)
 INPUTS = ("pixels", "features")
 METHODS = ("ips", "full")
 DEFAULT_NUM_PATCHES = (1000, 10000, 100000, 250000)
+# MemoryCase fields that must be positive integers (threads when given)
+POSITIVE_FIELDS = tuple(
+    "batch_size memory_size chunk_size patch_size feature_dim embed_dim threads".split()
+)
 PIXEL_ENCODER = "resnet18_2blocks"
 MEMORY_KEYS = (
     "method",
@@ -341,27 +345,6 @@ def bench_memory(
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise InputError(f"methods must be among {METHODS}, got {list(methods)}")
-    positive = dict(
-        batch_size=batch_size,
-        memory_size=memory_size,
-        chunk_size=chunk_size,
-        patch_size=patch_size,
-        feature_dim=feature_dim,
-        embed_dim=embed_dim,
-        threads=1 if threads is None else threads,
-    )
-    for name, value in positive.items():
-        if int(value) != value or value < 1:
-            raise InputError(f"{name} must be a positive integer, got {value!r}")
-    if slide is not None:
-        if input != "pixels":
-            raise InputError("slide needs input 'pixels'")
-        if num_patches is not None:
-            raise InputError("give num_patches or slide, not both: a slide's N is its tissue")
-    sizes = list(DEFAULT_NUM_PATCHES if num_patches is None else num_patches)
-    if not sizes or any(int(n) != n or n < 1 for n in sizes):
-        raise InputError(f"num_patches must be positive integers, got {sizes}")
-
     base = MemoryCase(
         method="ips",
         input=input,
@@ -379,6 +362,19 @@ def bench_memory(
         threads=threads,
         seed=seed,
     )
+    for name in POSITIVE_FIELDS:
+        value = getattr(base, name)
+        if value is not None and (int(value) != value or value < 1):
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
+    if slide is not None:
+        if input != "pixels":
+            raise InputError("slide needs input 'pixels'")
+        if num_patches is not None:
+            raise InputError("give num_patches or slide, not both: a slide's N is its tissue")
+    sizes = list(DEFAULT_NUM_PATCHES if num_patches is None else num_patches)
+    if not sizes or any(int(n) != n or n < 1 for n in sizes):
+        raise InputError(f"num_patches must be positive integers, got {sizes}")
+
     records: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="ips-bench-") as scratch:
         folder = Path(workdir) if workdir is not None else Path(scratch)

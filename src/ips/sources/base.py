@@ -211,6 +211,15 @@ class PatchSource(abc.ABC):
         """Read the (height, width, C) uint8 region at (x, y) of `level`, fully inside it."""
 
     # ---- construction ---------------------------------------------------------------------
+    def _init_file(self, path: str | os.PathLike, name: str | None, background: int) -> None:
+        """Set `path` (checked to exist), `name` and `background` of a file-backed source and
+        create its lock; the file is not opened yet."""
+        self.path = check_path(path)
+        self.name = name or self.path.name
+        self.background = int(background)
+        self._lock = threading.RLock()
+        self._opened_pid = None
+
     def _setup(
         self,
         *,
@@ -223,8 +232,19 @@ class PatchSource(abc.ABC):
         min_tissue: float = 0.01,
         grid_cache: GridCache | None = None,
     ) -> None:
-        """Choose the resolution, build the patch grid and apply the tissue filter (its kept
-        ids taken from, or stored in, ``grid_cache`` for files)."""
+        """Choose the resolution, build the patch grid and apply the tissue filter.
+
+        Args:
+            patch_size: P, in pixels at the read resolution.
+            stride: S, default P.
+            level: pyramid level to read.
+            downsample: level-0 pixels per read pixel (a level, or the next finer level
+                resized).
+            target_mpp: microns per read pixel; needs the file's or the given `mpp`.
+            tissue: None, "otsu", a mask array or a mask image / GeoJSON path.
+            min_tissue: lowest tissue fraction of a kept patch.
+            grid_cache: where the kept ids of the tissue filter are looked up and stored.
+        """
         if not hasattr(self, "_lock"):
             self._lock = threading.RLock()
             self._opened_pid: int | None = None

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import threading
+from typing import Any
 
 import numpy as np
 
-from .base import PatchSource, TissueSpec, cannot_read, check_path
-from .grid_cache import GridCache
+from .base import PatchSource, cannot_read
 
 
 def load_image(path: str | os.PathLike, background: int = 255) -> np.ndarray:
@@ -52,13 +51,9 @@ class PillowSource(PatchSource):
     Args:
         path: the image.
         patch_size: P, in pixels at the read resolution.
-        stride: S, default P.
-        downsample: image pixels per read pixel (resized on read).
+        **grid: the patch grid: stride, level, downsample, target_mpp, tissue, min_tissue,
+            grid_cache (see `PatchSource._setup`).
         mpp: microns per image pixel, if known.
-        target_mpp: microns per read pixel; needs `mpp`.
-        tissue: None, "otsu", a mask array or a mask image / GeoJSON path.
-        min_tissue: lowest tissue fraction of a kept patch.
-        grid_cache: where the kept ids of the tissue filter are looked up and stored.
         name: used in error messages; default the file name.
         background: value of pixels outside the image.
     """
@@ -70,39 +65,20 @@ class PillowSource(PatchSource):
         path: str | os.PathLike,
         *,
         patch_size: int,
-        stride: int | None = None,
-        level: int | None = None,
-        downsample: float | None = None,
         mpp: float | None = None,
-        target_mpp: float | None = None,
-        tissue: TissueSpec = None,
-        min_tissue: float = 0.01,
-        grid_cache: GridCache | None = None,
         name: str | None = None,
         background: int = 255,
+        **grid: Any,
     ) -> None:
-        self.path = check_path(path)
-        self.name = name or self.path.name
-        self.background = int(background)
+        self._init_file(path, name, background)
         self.mpp = mpp
         self._array: np.ndarray | None = None
-        self._lock = threading.RLock()
-        self._opened_pid = None
         with self._lock:
             self._ensure_open()
         height, width, self.channels = self._array.shape
         self.level_dimensions = ((width, height),)
         self.level_downsamples = (1.0,)
-        self._setup(
-            patch_size=patch_size,
-            stride=stride,
-            level=level,
-            downsample=downsample,
-            target_mpp=target_mpp,
-            tissue=tissue,
-            min_tissue=min_tissue,
-            grid_cache=grid_cache,
-        )
+        self._setup(patch_size=patch_size, **grid)
 
     def _open(self) -> None:
         from PIL import Image, UnidentifiedImageError

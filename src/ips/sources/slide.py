@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import threading
 from typing import Any
 
 import numpy as np
 
-from .base import CannotReadError, PatchSource, TissueSpec, cannot_read, check_path, require
-from .grid_cache import GridCache
+from .base import CannotReadError, PatchSource, cannot_read, require
 
 SHARED_CACHE_MB = 64  # decoded tiles held for all OpenSlideSources of a process together
 _SHARED: dict[int, Any] = {}  # process id -> the OpenSlideCache of that process
@@ -49,14 +47,9 @@ class OpenSlideSource(PatchSource):
     Args:
         path: the slide.
         patch_size: P, in pixels at the read resolution.
-        stride: S, default P.
-        level: pyramid level to read.
-        downsample: level-0 pixels per read pixel (a level, or the next finer level resized).
+        **grid: the patch grid: stride, level, downsample, target_mpp, tissue, min_tissue,
+            grid_cache (see `PatchSource._setup`).
         mpp: microns per level-0 pixel, overriding the slide's `openslide.mpp-x`.
-        target_mpp: microns per read pixel; needs the slide's or the given `mpp`.
-        tissue: None, "otsu", a mask array or a mask image / GeoJSON path.
-        min_tissue: lowest tissue fraction of a kept patch.
-        grid_cache: where the kept ids of the tissue filter are looked up and stored.
         name: used in error messages; default the file name.
         background: grey value transparent pixels are composited onto.
         cache_mb: size of a tile cache of its own (per process); default None: the
@@ -70,26 +63,16 @@ class OpenSlideSource(PatchSource):
         path: str | os.PathLike,
         *,
         patch_size: int,
-        stride: int | None = None,
-        level: int | None = None,
-        downsample: float | None = None,
         mpp: float | None = None,
-        target_mpp: float | None = None,
-        tissue: TissueSpec = None,
-        min_tissue: float = 0.01,
-        grid_cache: GridCache | None = None,
         name: str | None = None,
         background: int = 255,
         cache_mb: float | None = None,
+        **grid: Any,
     ) -> None:
         require("openslide")
-        self.path = check_path(path)
-        self.name = name or self.path.name
-        self.background = int(background)
+        self._init_file(path, name, background)
         self._cache_mb = cache_mb
         self._slide: Any = None
-        self._lock = threading.RLock()
-        self._opened_pid = None
         with self._lock:
             try:
                 self._open()
@@ -103,16 +86,7 @@ class OpenSlideSource(PatchSource):
         self.channels = 3
         self.mpp = mpp if mpp is not None else (float(file_mpp) if file_mpp else None)
         try:
-            self._setup(
-                patch_size=patch_size,
-                stride=stride,
-                level=level,
-                downsample=downsample,
-                target_mpp=target_mpp,
-                tissue=tissue,
-                min_tissue=min_tissue,
-                grid_cache=grid_cache,
-            )
+            self._setup(patch_size=patch_size, **grid)
         finally:
             self.close()
 

@@ -19,8 +19,7 @@ import numpy as np
 
 from ips.errors import InputError
 
-from .base import CannotReadError, PatchSource, TissueSpec, cannot_read, check_path, require
-from .grid_cache import GridCache
+from .base import CannotReadError, PatchSource, cannot_read, require
 
 _PHOTOMETRIC_MINISWHITE, _PHOTOMETRIC_MINISBLACK, _PHOTOMETRIC_RGB, _PHOTOMETRIC_PALETTE = (
     0,
@@ -225,14 +224,9 @@ class TiffSource(PatchSource):
     Args:
         path: the file.
         patch_size: P, in pixels at the read resolution.
-        stride: S, default P.
-        level: pyramid level to read.
-        downsample: level-0 pixels per read pixel (a level, or the next finer level resized).
+        **grid: the patch grid: stride, level, downsample, target_mpp, tissue, min_tissue,
+            grid_cache (see `PatchSource._setup`).
         mpp: microns per level-0 pixel, overriding the file's.
-        target_mpp: microns per read pixel; needs the file's or the given `mpp`.
-        tissue: None, "otsu", a mask array or a mask image / GeoJSON path.
-        min_tissue: lowest tissue fraction of a kept patch.
-        grid_cache: where the kept ids of the tissue filter are looked up and stored.
         name: used in error messages; default the file name.
         background: value of pixels outside the image.
         series: which tifffile image series to read.
@@ -247,30 +241,20 @@ class TiffSource(PatchSource):
         path: str | os.PathLike,
         *,
         patch_size: int,
-        stride: int | None = None,
-        level: int | None = None,
-        downsample: float | None = None,
         mpp: float | None = None,
-        target_mpp: float | None = None,
-        tissue: TissueSpec = None,
-        min_tissue: float = 0.01,
-        grid_cache: GridCache | None = None,
         name: str | None = None,
         background: int = 255,
         series: int = 0,
         cache_mb: float | None = None,
+        **grid: Any,
     ) -> None:
         require("tifffile")
-        self.path = check_path(path)
-        self.name = name or self.path.name
-        self.background = int(background)
+        self._init_file(path, name, background)
         self._series = int(series)
         self._cache_bytes = None if cache_mb is None else int(cache_mb * 2**20)
         self._file = self._levels = self._cache = None
         self._key: tuple = ()
         self._file_mpp: float | None = None
-        self._lock = threading.RLock()
-        self._opened_pid = None
         with self._lock:
             try:
                 self._open()
@@ -291,16 +275,7 @@ class TiffSource(PatchSource):
         self.level_dimensions = tuple((lv.width, lv.height) for lv in levels)
         self.level_downsamples = tuple((w0 / lv.width + h0 / lv.height) / 2 for lv in levels)
         try:
-            self._setup(
-                patch_size=patch_size,
-                stride=stride,
-                level=level,
-                downsample=downsample,
-                target_mpp=target_mpp,
-                tissue=tissue,
-                min_tissue=min_tissue,
-                grid_cache=grid_cache,
-            )
+            self._setup(patch_size=patch_size, **grid)
         finally:
             self.close()
 
