@@ -35,6 +35,30 @@ class TrainingError(UserError, FloatingPointError):
     """Training that cannot go on as configured (a loss that became NaN, say)."""
 
 
+class WriteError(UserError, OSError):
+    """A file that could not be written (a full disk, a file-size limit, no permission); the
+    message names the path, and the file that was there before is kept."""
+
+
+class InUseError(UserError, RuntimeError):
+    """A run folder that a live run of another process holds; the message names its pid and
+    host."""
+
+
+class Stopped(Exception):
+    """Training stopped early and can continue: ``last.pt`` in the run folder holds the last
+    finished step and ``--resume`` goes on from it exactly. Not a UserError: the command line
+    prints its one line and exits with ``exit_status``: `PREEMPTED_EXIT` after a signal
+    (SIGTERM from a scheduler), 1 after a failure such as a data loader worker that died."""
+
+    def __init__(self, message: str, *, exit_status: int = 1) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by a signal; the same command with --resume goes on
+
+
 def one_line(err: BaseException, limit: int | None = None) -> str:
     """The error's message on one line (its type's name when it has none); for an error
     re-raised from a `DataLoader` worker, the original error's last line."""
