@@ -17,29 +17,30 @@ LAYERS = {
     "ips.dedup": 0,
     "ips.rss": 0,
     "ips.progress": 0,
-    "ips.config": 1,
+    "ips.config": 2,
     "ips.files": 1,
-    "ips.weights": 1,
-    "ips.aggregation": 1,
-    "ips.distributed": 1,
-    "ips.heads": 2,
-    "ips.precision": 2,
-    "ips.selection": 2,
-    "ips.encoders": 2,
-    "ips.sources": 2,
-    "ips.viz": 2,
-    "ips.model": 3,
-    "ips.data": 3,
-    "ips.metrics": 3,
-    "ips.train": 4,
-    "ips.report": 4,
-    "ips.features": 4,
-    "ips.predict": 5,
-    "ips.bench": 6,
-    "ips.demo": 6,
-    "ips.cli": 7,
-    "ips.__main__": 8,
-    "ips": 8,  # the public API re-exports
+    "ips.guard": 2,
+    "ips.weights": 2,
+    "ips.aggregation": 2,
+    "ips.distributed": 2,
+    "ips.heads": 3,
+    "ips.precision": 3,
+    "ips.selection": 3,
+    "ips.encoders": 3,
+    "ips.sources": 3,
+    "ips.viz": 3,
+    "ips.model": 4,
+    "ips.data": 4,
+    "ips.metrics": 4,
+    "ips.train": 5,
+    "ips.report": 5,
+    "ips.features": 5,
+    "ips.predict": 6,
+    "ips.bench": 7,
+    "ips.demo": 7,
+    "ips.cli": 8,
+    "ips.__main__": 9,
+    "ips": 9,  # the public API re-exports
 }
 
 
@@ -107,9 +108,10 @@ def test_every_module_imports_only_lower_layers_or_its_own_package(path):
     assert not upward, f"{_module(path)} (layer {level}) imports {', '.join(upward)}"
 
 
-def test_config_and_errors_import_nothing_of_the_package_but_errors():
+def test_config_errors_and_files_import_nothing_of_the_package_but_each_other():
     assert _imports(SRC / "errors.py") == set()
-    assert _imports(SRC / "config.py") == {"ips.errors"}
+    assert _imports(SRC / "files.py") == {"ips.errors"}
+    assert _imports(SRC / "config.py") == {"ips.errors", "ips.files"}
 
 
 def test_the_model_parts_need_only_torch_and_sources_no_torch_nn():

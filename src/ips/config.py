@@ -12,8 +12,10 @@ A YAML file holds only overrides of the defaults below, grouped by section::
     train:
       lr: 1.0e-3
 
-Unknown keys and values of the wrong type raise a ``ValueError`` naming the dotted key.
-This module imports nothing from the package.
+Every bad config raises a one-line `ConfigError` naming the dotted key and what was expected
+(``train.lr: expected a finite number, got nan``), whatever the YAML holds: the checks follow
+the dataclasses' annotations (`_check_type`), then each section's ``__post_init__`` checks
+ranges. This module imports nothing from the package but its errors and `ips.files`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import reprlib
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -31,12 +34,66 @@ from typing import Any
 import yaml
 
 from ips.errors import ConfigError, MissingFileError
+from ips.files import write_atomically
 
 TASK_KINDS = ("multiclass", "binary", "multilabel")
 LOADING_MODES = ("eager", "eager_sequential", "lazy")
 TISSUE_MODES = ("none", "otsu", "mask")  # data.grid.tissue
 POS_ENCODINGS = ("none", "1d", "2d")
 AMP_MODES = ("auto", "none", "bf16", "fp16")  # train.amp (see ips.precision.resolve_amp)
+INT_LIMIT = 2**63  # integers are int64 downstream (torch sizes, numpy): |value| < INT_LIMIT
+SEED_LIMIT = 2**32  # train.seed: numpy seeds are >= 0; torch's seeds derive seed * ~1e6
+MAX_WORKERS = 1024  # data.num_workers: one process each
+MAX_DEPTH = 32  # nesting of free-form values (data.options)
+MAX_VALUES = 10_000  # values in one free-form option (YAML aliases can multiply them)
+
+
+# ---------------------------------------------------------------------------------------------
+# one-line messages, whatever the value
+
+_REPR = reprlib.Repr()  # a few items of a container, a few digits of a long number
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlong = 40
+
+
+def _show(value: Any) -> str:
+    """``value`` as an error message shows it: its repr, at most 80 characters of one line."""
+    try:
+        text = _REPR.repr(value)
+    except ValueError:  # an int too long to print (sys.get_int_max_str_digits), or holds one
+        if isinstance(value, int):
+            text = f"an integer of {value.bit_length()} bits"
+        else:
+            text = f"a {type(value).__name__} holding an integer too long to print"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _text(name: str) -> str:
+    """A name from a config (a key, an override's path) as a message shows it."""
+    return name if name.isprintable() and len(name) <= 60 else _show(name)
+
+
+def _key(section: str, name: Any) -> str:
+    """The dotted key of ``name`` (a key of the mapping at ``section``), for a message."""
+    return f"{section}.{_text(name) if isinstance(name, str) else _show(name)}"
+
+
+def _check_name(name: Any, section: str, *, what: str = "name") -> str:
+    """A key of a mapping in a config: a non-empty printable string."""
+    if isinstance(name, str) and name.strip() and name.isprintable():
+        return name
+    raise ConfigError(f"{section}: key {_show(name)} is not a {what} (expected printable text)")
+
+
+def _yaml_problem(err: Exception) -> str:
+    """What the YAML reader found, on one line."""
+    if isinstance(err, RecursionError):
+        return "nested too deeply"
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem:
+        mark = err.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return f"{err.problem}{where}"
+    return " ".join(str(err).split())
 
 
 @dataclass(frozen=True)
@@ -51,6 +108,7 @@ class TaskSpec:
     # (negative, positive)
 
     def __post_init__(self) -> None:
+        _check_name(self.name, "model.tasks", what="task name")
         key = f"model.tasks.{self.name}"
         if self.kind not in TASK_KINDS:
             raise ConfigError(f"{key}.kind must be one of {TASK_KINDS}, got {self.kind!r}")
@@ -139,6 +197,8 @@ class ModelConfig:
             raise ConfigError(f"model.pos_enc must be one of {POS_ENCODINGS}, got {self.pos_enc!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if not self.query_std >= 0.0:
+            raise ConfigError(f"model.query_std must be >= 0, got {self.query_std}")
         if not self.tasks:
             raise ConfigError("model.tasks must name at least one task")
         names = [t.name for t in self.tasks]
@@ -151,6 +211,10 @@ class ModelConfig:
                     f"model.{key} needs {self.in_channels} values (one per channel), "
                     f"got {len(value)}"
                 )
+        if self.normalize_std is not None and not all(s > 0 for s in self.normalize_std):
+            raise ConfigError(
+                f"model.normalize_std: every std must be > 0, got {list(self.normalize_std)}"
+            )
 
     @property
     def queries(self) -> int:
@@ -270,8 +334,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if not 0 <= self.num_workers <= MAX_WORKERS:
+            raise ConfigError(
+                f"data.num_workers must be in [0, {MAX_WORKERS}] (one process each), "
+                f"got {self.num_workers}"
+            )
         if self.on_error not in ("fail", "skip"):
             raise ConfigError(f"data.on_error must be 'fail' or 'skip', got {self.on_error!r}")
 
@@ -304,14 +371,24 @@ class TrainConfig:
                 f"train.batch_size ({self.batch_size}) must be a multiple of train.accumulate "
                 f"({self.accumulate}): each micro-step takes batch_size / accumulate images"
             )
-        if self.lr <= 0:
+        if not self.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"train.grad_clip must be > 0 (or null), got {self.grad_clip}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ConfigError(f"train.seed must be in [0, 2**32), got {self.seed}")
         if self.amp not in AMP_MODES:
             raise ConfigError(
                 f"train.amp must be 'auto', 'none', 'bf16' or 'fp16', got {self.amp!r}"
             )
-        if self.warmup_epochs < 0:
-            raise ConfigError(f"train.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if not 0 <= self.warmup_epochs < INT_LIMIT:  # counted in steps, an int64
+            raise ConfigError(
+                f"train.warmup_epochs must be in [0, 2**63), got {self.warmup_epochs}"
+            )
 
 
 @dataclass(frozen=True)
@@ -342,7 +419,7 @@ class Config:
 def _positive(obj: Any, section: str, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
-        if value <= 0:
+        if not value > 0:  # (written so that NaN fails too)
             raise ConfigError(f"{section}.{name} must be a positive integer, got {value}")
 
 
@@ -353,107 +430,173 @@ def _positive(obj: Any, section: str, *names: str) -> None:
 def parse_tasks(value: Any, key: str = "model.tasks") -> tuple[TaskSpec, ...]:
     """Tasks from YAML: a mapping ``name -> {kind, num_classes}`` or a list of such mappings
     with a ``name`` field, or TaskSpec objects."""
-    items: list[Any]
     if isinstance(value, Mapping):
-        items = []
-        for name, spec in value.items():
-            if isinstance(spec, TaskSpec):
-                items.append(spec)
-                continue
-            if not isinstance(spec, Mapping):
-                raise ConfigError(f"{key}.{name} must be a mapping with kind and num_classes")
-            items.append({"name": name, **spec})
-    elif isinstance(value, Sequence) and not isinstance(value, str):
-        items = list(value)
+        entries = list(value.items())
+    elif isinstance(value, (list, tuple)):
+        entries = [_listed_task(item, f"{key}[{i}]") for i, item in enumerate(value)]
     else:
-        raise ConfigError(f"{key} must be a mapping name -> {{kind, num_classes}}, got {value!r}")
+        raise ConfigError(
+            f"{key}: expected a mapping name -> {{kind, num_classes}}, got {_show(value)}"
+        )
     tasks = []
-    for item in items:
-        if isinstance(item, TaskSpec):
-            tasks.append(item)
-        elif isinstance(item, Mapping):
-            tasks.append(_build(TaskSpec, item, f"{key}.{item.get('name', '?')}"))
-        else:
-            raise ConfigError(f"{key} entries must be mappings, got {item!r}")
+    for name, spec in entries:
+        if isinstance(spec, TaskSpec):
+            tasks.append(spec)
+            continue
+        where = _key(key, _check_name(name, key, what="task name"))
+        if not isinstance(spec, Mapping):
+            raise ConfigError(
+                f"{where}: expected a mapping with kind and num_classes, got {_show(spec)}"
+            )
+        if spec.get("name", name) != name:
+            raise ConfigError(f"{where}.name: the key names the task, got {_show(spec['name'])}")
+        tasks.append(_build(TaskSpec, {**spec, "name": name}, where))
     return tuple(tasks)
 
 
-def _check_type(value: Any, annotation: Any, key: str) -> Any:
-    """Validate (and lightly coerce) one value against a field annotation."""
+def _listed_task(item: Any, where: str) -> tuple[Any, Any]:
+    """(name, spec) of an entry ``{name, kind, num_classes}`` of a list of tasks."""
+    if isinstance(item, TaskSpec):
+        return item.name, item
+    if not isinstance(item, Mapping):
+        raise ConfigError(
+            f"{where}: expected a mapping with name, kind and num_classes, got {_show(item)}"
+        )
+    if "name" not in item:
+        raise ConfigError(f"{where}.name: missing; each task of a list names itself")
+    return item["name"], item
+
+
+_EXPECTED = {
+    bool: "a boolean",
+    int: "an integer",
+    float: "a finite number",
+    str: "a string",
+    type(None): "null",
+}
+
+
+def _expected(annotation: Any) -> str:
+    """What a field of type ``annotation`` takes, in words."""
+    if annotation in _EXPECTED:
+        return _EXPECTED[annotation]
+    if typing.get_origin(annotation) is tuple:
+        return "a list"
+    return "a mapping of keys"  # a dataclass or a dict
+
+
+def _check_type(value: Any, annotation: Any, key: str, *, or_null: bool = False) -> Any:
+    """Validate (and lightly coerce) one value against a field annotation.
+
+    Any other value raises a one-line ConfigError naming ``key`` and what it takes (``or_null``:
+    the field takes null too). Numbers are what torch and numpy take: floats finite, integers
+    int64; a string holds no NUL (paths); mappings have names as keys.
+    """
+
+    def wrong(expected: str | None = None) -> ConfigError:
+        also = " or null" if or_null else ""
+        return ConfigError(
+            f"{key}: expected {expected or _expected(annotation)}{also}, got {_show(value)}"
+        )
+
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(annotation):
-            try:
-                return _check_type(value, option, key)
-            except ValueError as err:
-                errors.append(str(err))
-        raise ConfigError(f"{key}: expected {_type_name(annotation)}, got {value!r}")
-    if annotation is type(None):
-        if value is None:
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        nullable = len(options) < len(typing.get_args(annotation))
+        if value is None and nullable:
             return None
-        raise ConfigError(f"{key}: expected None, got {value!r}")
+        if len(options) == 1:  # X | None: X's message, which may name an item (key[0])
+            return _check_type(value, options[0], key, or_null=nullable)
+        for option in options:
+            with contextlib.suppress(ConfigError):
+                return _check_type(value, option, key)
+        raise wrong(" or ".join(_expected(a) for a in typing.get_args(annotation)))
     if annotation is Any:
-        return value
+        return _check_plain(value, key)
+    if annotation == tuple[TaskSpec, ...]:  # a mapping name -> spec, or a list
+        return parse_tasks(value, key)
     if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
         if isinstance(value, annotation):
             return value
         if isinstance(value, Mapping):
             return _build(annotation, value, key)
-        raise ConfigError(f"{key}: expected a mapping of keys, got {value!r}")
+        raise wrong()
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected a boolean, got {value!r}")
+        raise wrong()
     if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise wrong()
+        if not -INT_LIMIT <= value < INT_LIMIT:
+            raise wrong("an integer in [-2**63, 2**63)")
+        return value
     if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        number = value
         if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
             with contextlib.suppress(ValueError):
-                return float(value)
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+                number = float(value)
+        if isinstance(number, (int, float)) and not isinstance(number, bool):
+            try:
+                number = float(number)
+            except OverflowError:  # an int beyond the floats
+                number = math.inf
+            if math.isfinite(number):
+                return number
+        raise wrong()
     if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        if not isinstance(value, str):
+            raise wrong()
+        if "\x00" in value:
+            raise wrong("a string without NUL characters")
+        return value
     if origin is tuple:
-        if isinstance(value, (list, tuple)):
-            (item_type, _) = typing.get_args(annotation)
-            return tuple(_check_type(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
-        raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if not isinstance(value, (list, tuple)):
+            raise wrong()
+        (item_type, _) = typing.get_args(annotation)
+        return tuple(_check_type(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
     if origin is dict:
-        if isinstance(value, Mapping):
-            return dict(value)
-        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        if not isinstance(value, Mapping):
+            raise wrong()
+        (_, item_type) = typing.get_args(annotation)
+        return {
+            _check_name(name, key): _check_type(item, item_type, _key(key, name))
+            for name, item in value.items()
+        }
     raise TypeError(f"{key}: unsupported annotation {annotation!r}")  # pragma: no cover
 
 
-def _type_name(annotation: Any) -> str:
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args)
-    if annotation is type(None):
-        return "null"
-    return getattr(annotation, "__name__", str(annotation))
+def _check_plain(value: Any, key: str) -> Any:
+    """A free-form value (an entry of ``data.options``), passed on as it is: a tree of bounded
+    depth and size, so that it can be stored and shown (a YAML alias can make a list hold
+    itself, or a few lines hold a billion values)."""
+    stack, seen = [(value, 0)], 0
+    while stack:
+        item, depth = stack.pop()
+        seen += 1
+        if depth > MAX_DEPTH or seen > MAX_VALUES:
+            raise ConfigError(
+                f"{key}: expected plain data, nested at most {MAX_DEPTH} deep and at most "
+                f"{MAX_VALUES} values (a YAML alias to itself?)"
+            )
+        if isinstance(item, Mapping):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend((v, depth + 1) for v in item)
+    return value
 
 
-def _build(cls: type, values: Mapping[str, Any], section: str) -> Any:
+def _build(cls: type, values: Mapping[Any, Any], section: str) -> Any:
+    """The dataclass ``cls`` from a mapping of (some of) its fields, each one checked."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
-        if key not in names:
+        if _check_name(key, section) not in names:
             raise ConfigError(
-                f"{section}.{key}: unknown key; expected one of {', '.join(sorted(names))}"
+                f"{_key(section, key)}: unknown key; expected one of {', '.join(sorted(names))}"
             )
-        if cls is ModelConfig and key == "tasks":
-            kwargs[key] = parse_tasks(value, f"{section}.tasks")
-        else:
-            kwargs[key] = _check_type(value, hints[key], f"{section}.{key}")
+        kwargs[key] = _check_type(value, hints[key], f"{section}.{key}")
     return cls(**kwargs)
 
 
@@ -468,22 +611,27 @@ SECTIONS = {
 def config_from_dict(values: Mapping[str, Any]) -> Config:
     """Build a validated Config from nested plain data (as in YAML or a checkpoint)."""
     if not isinstance(values, Mapping):
-        raise ConfigError(f"config must be a mapping of sections, got {type(values).__name__}")
+        raise ConfigError(f"config: expected a mapping of sections, got {_show(values)}")
     sections = {}
     for name, section in values.items():
+        if not isinstance(name, str):
+            raise ConfigError(
+                f"config: key {_show(name)} is not a section name; expected one of "
+                f"{', '.join(SECTIONS)}"
+            )
         if name not in SECTIONS:
-            raise ConfigError(f"{name}: unknown section; expected one of {', '.join(SECTIONS)}")
-        if section is None:
+            raise ConfigError(
+                f"{_text(name)}: unknown section; expected one of {', '.join(SECTIONS)}"
+            )
+        if section is None:  # "model:" with nothing under it
             section = {}
-        if not isinstance(section, Mapping):
-            raise ConfigError(f"{name}: expected a mapping of keys, got {section!r}")
-        if name == "data":
+        if name == "data" and isinstance(section, Mapping):
             section = _moved_stride(section)
-        sections[name] = _build(SECTIONS[name], section, name)
+        sections[name] = _check_type(section, SECTIONS[name], name)
     return Config(**sections)
 
 
-def _moved_stride(data: Mapping[str, Any]) -> Mapping[str, Any]:
+def _moved_stride(data: Mapping[Any, Any]) -> Mapping[Any, Any]:
     """Older configs and checkpoints hold the grid step as ``data.stride``: read it as
     ``data.grid.stride``."""
     if "stride" not in data:
@@ -496,11 +644,11 @@ def _moved_stride(data: Mapping[str, Any]) -> Mapping[str, Any]:
     if grid is None:
         grid = {}
     if not isinstance(grid, Mapping):
-        raise ConfigError(f"data.grid: expected a mapping of keys, got {grid!r}")
+        raise ConfigError(f"data.grid: expected a mapping of keys, got {_show(grid)}")
     if grid.get("stride", stride) != stride:
         raise ConfigError(
-            f"data.stride ({stride}) and data.grid.stride ({grid['stride']}) differ; "
-            "data.stride is the older name of data.grid.stride: keep one"
+            f"data.stride ({_show(stride)}) and data.grid.stride ({_show(grid['stride'])}) "
+            "differ; data.stride is the older name of data.grid.stride: keep one"
         )
     data["grid"] = {**grid, "stride": stride}
     return data
@@ -531,55 +679,84 @@ def config_to_dict(config: Config) -> dict[str, Any]:
     return out
 
 
-def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` overrides (values parsed as YAML) to nested plain data."""
-    values = {k: dict(v or {}) for k, v in values.items()}
+def apply_overrides(values: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to nested plain data.
+
+    ``values`` stays as it was: the mappings on an override's path are copied. A missing or
+    null mapping on the path becomes an empty one; any other value there is an error.
+    """
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"config: expected a mapping of sections, got {_show(values)}")
+    out = dict(values)
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected section.key=value")
-        dotted, raw = item.split("=", 1)
-        parts = dotted.strip().split(".")
-        if len(parts) < 2:
-            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.lr=3e-4")
+        path, value = _parse_override(item)
+        node = out
+        for depth, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, Mapping):
+                raise ConfigError(
+                    f"override {_show(item)}: {_text('.'.join(path[: depth + 1]))} is "
+                    f"{_show(child)}, not a mapping"
+                )
+            node[part] = dict(child)
+            node = node[part]
+        node[path[-1]] = value
+    return out
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    """``section.key=value`` as (["section", "key"], value read as YAML; nothing: null)."""
+    dotted, sep, raw = item.partition("=") if isinstance(item, str) else ("", "", "")
+    path = [part.strip() for part in dotted.split(".")]
+    if not sep or len(path) < 2 or not all(path):
+        raise ConfigError(f"override {_show(item)}: expected section.key=value, e.g. train.lr=3e-4")
+    try:
         value = yaml.safe_load(raw) if raw.strip() else None
-        node = values.setdefault(parts[0], {})
-        for part in parts[1:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a mapping")
-        node[parts[-1]] = value
-    return values
+    except (yaml.YAMLError, ValueError, RecursionError) as err:  # ValueError: an int too long
+        raise ConfigError(
+            f"override {_show(item)}: the value is not valid YAML ({_yaml_problem(err)})"
+        ) from None
+    return path, value
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config (safe loader), apply ``section.key=value`` overrides, validate."""
-    values: dict[str, Any] = {}
+    values: Any = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise MissingFileError(f"{path}: config file not found")
         try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
+            values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
             raise ConfigError(
-                f"{path}: expected a mapping of sections, got {type(loaded).__name__}"
+                f"{path}: not UTF-8 text ({err.reason} at byte {err.start})"
+            ) from None
+        except (yaml.YAMLError, ValueError, RecursionError) as err:  # ValueError: an int too long
+            raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(err)})") from None
+        if values is None:
+            values = {}
+        if not isinstance(values, Mapping):
+            raise ConfigError(
+                f"{path}: expected a mapping of sections, got {type(values).__name__}"
             )
-        values = loaded
     values = apply_overrides(values, overrides)
     try:
         return config_from_dict(values)
-    except ValueError as err:
+    except ConfigError as err:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{err}") from None
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    """Write the resolved config as YAML, atomically (`ips.files.atomic_write`).
+
+    Raises:
+        WriteError: the file could not be written; one line naming ``path``, which is kept.
+    """
+    write_atomically(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 
 def replace_fields(config: Config, **overrides: Any) -> Config:
@@ -592,9 +769,7 @@ def replace_fields(config: Config, **overrides: Any) -> Config:
     model_hints = typing.get_type_hints(ModelConfig)
     selection_hints = typing.get_type_hints(SelectionConfig)
     for key, value in overrides.items():
-        if key == "tasks":
-            model[key] = parse_tasks(value)
-        elif key in model_hints:
+        if key in model_hints:
             model[key] = _check_type(value, model_hints[key], f"model.{key}")
         elif key in selection_hints:
             selection[key] = _check_type(value, selection_hints[key], f"selection.{key}")

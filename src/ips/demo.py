@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import torch
 
 from ips.config import load_config, resolve_config_path
 from ips.data import MegapixelMNIST, generate_megapixel_mnist, load_mnist
+from ips.files import write_atomically
 from ips.heads import predictions
 from ips.metrics import nest_metrics
 from ips.model import load_model
@@ -60,6 +62,9 @@ def run_demo(
         [f"data.path={data_path}", *DEMO_OVERRIDES, *(overrides or [])],
     )
     run_dir = out / "run"
+    if (run_dir / "last.pt").is_file():  # the demo starts over: its own run of a former call
+        log.info("replacing the former demo run in %s", run_dir)
+        shutil.rmtree(run_dir)
     fit(config, run_dir, device=device, progress=progress)
     best = run_dir / "best.pt"
     test = evaluate_checkpoint(best, split="test", device=device)
@@ -74,7 +79,7 @@ def run_demo(
         "precision": resolve_amp(torch.device(device), config.train.amp),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_atomically(out / "summary.json", json.dumps(result, indent=2) + "\n")
     _print_summary(result)
     return result
 

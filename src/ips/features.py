@@ -61,7 +61,7 @@ from ips.encoders import (
     list_encoders,
     weights_normalization,
 )
-from ips.errors import InputError, MissingFileError
+from ips.errors import InputError, MissingFileError, WriteError
 from ips.files import atomic_write, sha256_of
 from ips.precision import autocast, resolve_amp
 from ips.sources import PatchSource, open_source
@@ -519,6 +519,11 @@ def extract_features(
         ``slides`` (this process's count), ``extracted`` ({slide, path, bag, patches, seconds}),
         ``skipped`` (bags already there: {slide, path, bag}), ``failed`` ({slide, path,
         error: one line naming the slide}), ``seconds``.
+
+    Raises:
+        WriteError: a bag or the summary could not be written (a full disk, no permission):
+            extraction stops with one line naming the file; the bags finished before it stay,
+            the summary as of the last finished slide too, and a rerun skips them.
     """
     published = weights is None or str(weights) in PUBLISHED
     if not published and not Path(weights).expanduser().is_file():
@@ -610,7 +615,9 @@ def extract_features(
                     device=device,
                     progress=tile_bars,
                 )
-            except Exception as err:  # any failure of one slide: report it, go on
+            except WriteError:  # a full disk or a folder we may not write: every bag would fail
+                raise
+            except Exception as err:  # any other failure of one slide: report it, go on
                 message = _one_line(err)
                 if str(slide) not in message and slide.name not in message:
                     message = f"{slide}: {message}"

@@ -408,9 +408,12 @@ def save_checkpoint(
     The checkpoint holds only plain data and tensors: the config as nested dicts, the model's
     state dict, and ``state`` (optimizer state, epoch, ...), so it loads with
     ``torch.load(weights_only=True)``.
+
+    Raises:
+        WriteError: a full disk, a file-size limit or no permission (torch.save's own
+            RuntimeError included); one line naming ``path``, whose previous file is kept.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
     payload = {
         "format": CHECKPOINT_FORMAT,

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ips.config import TaskSpec
 from ips.data.table import Row, encode_labels
-from ips.files import atomic_write
+from ips.files import write_atomically
 from ips.heads import compute_loss
 from ips.sources import PatchSource
 
@@ -86,12 +86,11 @@ def write_input(
     """
     from ips import viz
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(folder)  # made by the first write, whose error names the file
     written: dict[str, str] = {}
     buffer = io.BytesIO()
     np.savez(buffer, coords=pred.all_coords, scores=pred.all_scores, selected_ids=pred.selected_ids)
-    written["scores"] = str(_write_atomic(folder / "scores.npz", buffer.getvalue()))
+    written["scores"] = str(write_atomically(folder / "scores.npz", buffer.getvalue()))
     if getattr(container, "coords", None) is None:
         return written  # a feature bag without coords: nowhere to draw
     written["geojson"] = str(
@@ -184,7 +183,6 @@ def write_tables(
     probability), or ``<task>_prob_<j>`` per label for multilabel tasks; num_patches; error.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     header = ["name", "path"]
     for task in tasks:
         if task.kind == "multilabel":
@@ -214,9 +212,9 @@ def write_tables(
         row += [len(pred.all_scores) if pred.ok else "", pred.error or ""]
         writer.writerow(row)
     lines = [json.dumps(_record(pred, tasks), allow_nan=False) for pred in results]
-    csv_path = _write_atomic(out_dir / "predictions.csv", text.getvalue().encode("utf-8"))
-    jsonl_path = _write_atomic(
-        out_dir / "predictions.jsonl", "".join(f"{line}\n" for line in lines).encode("utf-8")
+    csv_path = write_atomically(out_dir / "predictions.csv", text.getvalue())
+    jsonl_path = write_atomically(
+        out_dir / "predictions.jsonl", "".join(f"{line}\n" for line in lines)
     )
     return csv_path, jsonl_path
 
@@ -248,7 +246,7 @@ def write_metrics(
         "metrics": nest_metrics(tracker.compute()) if len(labelled) > failed else {},
     }
     text = json.dumps(_json_safe(metrics), indent=1, allow_nan=False)
-    return _write_atomic(path, (text + "\n").encode("utf-8"))
+    return write_atomically(path, text + "\n")
 
 
 def _json_safe(value: Any) -> Any:
@@ -317,10 +315,3 @@ def _record(pred: Prediction, tasks: Sequence[TaskSpec]) -> dict[str, Any]:
 def _finite(value: Any) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None
-
-
-def _write_atomic(path: Path, data: bytes) -> Path:
-    """Write to a temporary file next to ``path``, then rename it over ``path``."""
-    with atomic_write(path) as fh:
-        fh.write(data)
-    return path
