@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from defusedxml import DefusedXmlException, DTDForbidden, EntitiesForbidden
+from defusedxml.ElementTree import parse as parse_untrusted_xml
 
 from ips.config import TaskSpec
 from ips.data.feature_bags import FeatureBagDataset, find_bag, open_feature_bag
@@ -241,40 +243,95 @@ class Annotation:
 
 
 def read_asap_xml(path: str | os.PathLike) -> list[Annotation]:
-    """The outlines of an ASAP XML file (the format of the CAMELYON lesion annotations)."""
+    """The outlines of an ASAP XML file (the format of the CAMELYON lesion annotations).
+
+    Annotation files come from elsewhere, so they are read as data: a DTD or entity
+    declaration is refused before anything expands (defusedxml), and every coordinate must be
+    a finite, non-negative number. Outlines need at least 3 points (`POINT_KINDS`, which mark
+    places, need 1). Each problem is an InputError naming the file and the annotation.
+    """
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"{path}: no such file")
-    try:
-        root = ET.parse(path).getroot()
-    except ET.ParseError as err:
-        raise InputError(f"{path}: not valid XML ({err})") from None
+    root = _parse_xml(path)
     if root.tag != "ASAP_Annotations":
         raise InputError(f"{path}: expected an <ASAP_Annotations> document, got <{root.tag}>")
-    out = []
-    for element in root.iter("Annotation"):
-        points = []
-        for coordinate in element.iter("Coordinate"):
-            try:
-                order = float(coordinate.get("Order", len(points)))
-                x = float(coordinate.get("X", "").replace(",", "."))
-                y = float(coordinate.get("Y", "").replace(",", "."))
-            except ValueError:
-                raise InputError(
-                    f"{path}: annotation {element.get('Name')!r} has a coordinate without "
-                    f"numeric X and Y: {coordinate.attrib}"
-                ) from None
-            points.append((order, x, y))
-        points.sort(key=lambda p: p[0])
-        out.append(
-            Annotation(
-                name=element.get("Name", ""),
-                group=element.get("PartOfGroup", "None"),
-                kind=element.get("Type", "Polygon"),
-                points=np.array([p[1:] for p in points], dtype=np.float64).reshape(-1, 2),
+    return [_annotation(path, i, element) for i, element in enumerate(root.iter("Annotation"))]
+
+
+POINT_KINDS = frozenset({"dot", "pointset", "measurement"})  # ASAP types that are not areas
+
+
+def _parse_xml(path: Path) -> ET.Element:
+    """The root of an XML file that declares no DTD and no entities."""
+    try:
+        return parse_untrusted_xml(path, forbid_dtd=True).getroot()
+    except DTDForbidden as err:
+        reason = _why_refused(path, err)
+    except DefusedXmlException as err:  # entities need a DTD, so this is unlikely
+        reason = str(err)
+    except ET.ParseError as err:
+        raise InputError(f"{path}: not valid XML ({err})") from None
+    except OSError as err:
+        raise InputError(f"{path}: cannot read ({' '.join(str(err).split())})") from None
+    raise InputError(f"{path}: refused: {reason}; ASAP annotation files have no DTD") from None
+
+
+def _why_refused(path: Path, err: DTDForbidden) -> str:
+    """Why a file with a DTD is refused: the first entity it declares, else the DTD itself.
+    The second parse forbids entities, so it stops at the first declaration, unexpanded."""
+    doctype = f"<!DOCTYPE {err.name}" + (f" SYSTEM {err.sysid!r}>" if err.sysid else ">")
+    try:
+        parse_untrusted_xml(path, forbid_dtd=False, forbid_entities=True, forbid_external=True)
+    except EntitiesForbidden as entity:
+        if entity.sysid is not None:
+            return (
+                f"it declares the external entity {entity.name!r} (SYSTEM {entity.sysid!r}), "
+                "which would read another file or URL"
             )
+        return (
+            f"it declares the entity {entity.name!r}, and entities can expand without bound "
+            "(the 'billion laughs' attack)"
         )
-    return out
+    except (ValueError, SyntaxError):  # other refusals and parse errors: the DTD is the reason
+        pass
+    return f"it has a DTD ({doctype}), which can declare entities that expand or read files"
+
+
+def _annotation(path: Path, index: int, element: ET.Element) -> Annotation:
+    """One <Annotation> element, its coordinates checked and sorted by their Order."""
+    name = element.get("Name", "")
+    where = f"{path}: annotation {index} ({name!r})"
+    points = []
+    for coordinate in element.iter("Coordinate"):
+        try:
+            order = float(coordinate.get("Order", len(points)))
+            x = float(coordinate.get("X", "").replace(",", "."))
+            y = float(coordinate.get("Y", "").replace(",", "."))
+        except ValueError:
+            raise InputError(
+                f"{where}: expected numeric Order, X and Y on every Coordinate, got "
+                f"{dict(coordinate.attrib)}"
+            ) from None
+        if not all(math.isfinite(v) for v in (order, x, y)):  # (outlines may cross the edge)
+            raise InputError(
+                f"{where}: expected finite level-0 X and Y on every Coordinate, got "
+                f"{dict(coordinate.attrib)}"
+            )
+        points.append((order, x, y))
+    kind = element.get("Type", "Polygon")
+    least = 1 if kind.lower() in POINT_KINDS else 3
+    if len(points) < least:
+        raise InputError(
+            f"{where}: a {kind} needs at least {least} coordinate(s), got {len(points)}"
+        )
+    points.sort(key=lambda p: p[0])
+    return Annotation(
+        name=name,
+        group=element.get("PartOfGroup", "None"),
+        kind=kind,
+        points=np.array([p[1:] for p in points], dtype=np.float64).reshape(-1, 2),
+    )
 
 
 def write_asap_xml(

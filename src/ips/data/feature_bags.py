@@ -15,8 +15,15 @@ One file per slide, as ``ips extract-features`` writes it::
 `FeatureBag` is a patch container for selection: ``len(bag)`` = N, ``bag.read(ids)`` ->
 float32 (n, F), ``bag.positions(ids)``. An HDF5 bag reads only the requested rows, opens its
 file on the first read in each process and pickles without its handle, so bags can be made in
-`DataLoader` workers and read in the main process. Rows that hold NaN or inf raise a
-ValueError naming the file.
+`DataLoader` workers and read in the main process.
+
+Bags come from elsewhere, so they are checked as data, each problem an InputError naming the
+file and the dataset: on opening, the shapes and dtypes (``features`` (N, F) numbers with
+N, F >= 1; ``coords`` (N, 2) numbers), the tile-size attributes, and that neither dataset is
+an HDF5 link, external or virtual dataset (which would read other files); the coords' values
+(finite; rounded to whole pixels) when they are first used; the features' values
+(finite) in every read, since a bag is never read whole. Coords are optional (``.npy``) until
+something needs them: 2-D positional encodings name the bag that has none.
 
 `FeatureBagDataset` serves labelled bags to training; the ``feature_bags`` dataset reads the
 labels from a CSV file. `FeatureFile` reads rows of a plain ``.npy`` file without a memory map
@@ -30,6 +37,8 @@ import functools
 import logging
 import math
 import os
+import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -138,9 +147,11 @@ class FeatureBag:
         rows = np.asarray(self._rows(unique), dtype=np.float32)
         finite = np.isfinite(rows).all(axis=1)
         if not finite.all():
+            first, more = int(unique[~finite][0]), int((~finite).sum()) - 1
+            also = f", and {more} more of the rows read" if more else ""
             raise InputError(
-                f"{self.name}: features hold NaN or inf (patch {int(unique[~finite][0])} and "
-                f"{int((~finite).sum()) - 1} more of those read); re-extract this bag"
+                f"{self.name}: features hold NaN or inf (patch {first}{also}); expected finite "
+                "numbers: re-extract this bag"
             )
         return rows[inverse]
 
@@ -153,7 +164,10 @@ class FeatureBag:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         coords = self.coords
         if coords is None:
-            return np.stack([np.zeros_like(ids), ids], axis=1)
+            raise InputError(
+                f"{self.name}: grid positions (model.pos_enc '2d') need 'coords' (N, 2), and "
+                "this bag has none (a .npy bag); use an .h5 or .npz bag with coords"
+            )
         step = self._step or self.patch_size_level0
         return np.rint(coords[ids][:, ::-1] / step).astype(np.int64)
 
@@ -194,11 +208,7 @@ class H5FeatureBag(FeatureBag):
         with handle:
             features, coords = _bag_arrays(self.path, handle)
             self._shape = _check_shape(str(self.path), features.shape, features.dtype)
-            if tuple(coords.shape) != (self._shape[0], 2):
-                raise InputError(
-                    f"{self.path}: coords must be (N, 2) = ({self._shape[0]}, 2), "
-                    f"got {tuple(coords.shape)}"
-                )
+            _check_coords_layout(str(self.path), coords.shape, coords.dtype, self._shape[0])
             self._patch_size = tile_size_level0(handle)
             self.attrs = {key: _plain(value) for key, value in handle.attrs.items()}
         self._handle: Any = None
@@ -215,7 +225,12 @@ class H5FeatureBag(FeatureBag):
         return self._handle
 
     def _rows(self, ids: np.ndarray) -> np.ndarray:
-        return self._file()["features"][ids]
+        try:
+            return self._file()["features"][ids]
+        except OSError as err:  # an OSError still: training's data.on_error: skip catches it
+            raise OSError(
+                f"{self.path}: cannot read rows of 'features' ({_one_line(err)})"
+            ) from None
 
     def close(self) -> None:
         if self._handle is not None and self._pid == os.getpid():
@@ -244,16 +259,36 @@ def open_feature_bag(path: str | os.PathLike) -> FeatureBag:
         return H5FeatureBag(path)
     try:
         data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as err:
-        raise InputError(f"{path}: cannot read as a numpy file ({_one_line(err)})") from None
+    except NUMPY_ERRORS as err:
+        raise _cannot_load(path, err) from None
     if isinstance(data, np.ndarray):  # .npy: the features alone
         _check_shape(str(path), data.shape, data.dtype)
         log.warning("%s: a .npy bag has no coords; no heatmap or GeoJSON for it", path)
         return FeatureBag(data, None, name=path.name)
     with data:
-        features, coords = _bag_arrays(path, data)
-        size = float(data["patch_size"]) if "patch_size" in data.files else None
-        return FeatureBag(np.asarray(features), np.asarray(coords), patch_size=size, name=path.name)
+        try:  # members are read (and decompressed) only now
+            features, coords = _bag_arrays(path, data)
+            size = data["patch_size"] if "patch_size" in data.files else None
+        except InputError:  # names the file already
+            raise
+        except NUMPY_ERRORS as err:
+            raise _cannot_load(path, err) from None
+        size = None if size is None else _positive_number(str(path), "patch_size", size)
+        return FeatureBag(features, coords, patch_size=size, name=path.name)
+
+
+# what np.load raises on a file that is not a numpy file, or a damaged one (MemoryError: a
+# header that asks for more than there is)
+NUMPY_ERRORS = (OSError, ValueError, EOFError, MemoryError, zipfile.BadZipFile, zlib.error)
+
+
+def _cannot_load(path: Path, err: BaseException) -> InputError:
+    reason = (
+        "its header asks for more memory than there is"
+        if isinstance(err, MemoryError)
+        else _one_line(err)
+    )
+    return InputError(f"{path}: cannot read as a numpy file ({reason})")
 
 
 def find_bag(folder: str | os.PathLike, name: str) -> Path | None:
@@ -267,6 +302,8 @@ def find_bag(folder: str | os.PathLike, name: str) -> Path | None:
 
 
 def _bag_arrays(path: Path, container: Any) -> tuple[Any, Any]:
+    """The ``features`` and ``coords`` of an open .h5 or .npz bag (h5py datasets are not read
+    here); each must be there, and in HDF5 a dataset of this file (see `_own_dataset`)."""
     keys = set(container.files if hasattr(container, "files") else container.keys())
     missing = [k for k in ("features", "coords") if k not in keys]
     if missing:
@@ -274,24 +311,93 @@ def _bag_arrays(path: Path, container: Any) -> tuple[Any, Any]:
             f"{path}: a feature bag needs 'features' (N, F) and 'coords' (N, 2); "
             f"missing {', '.join(missing)} (has {', '.join(sorted(keys)) or 'nothing'})"
         )
-    return container["features"], container["coords"]
+    if hasattr(container, "files"):  # .npz
+        return container["features"], container["coords"]
+    return _own_dataset(path, container, "features"), _own_dataset(path, container, "coords")
+
+
+def _own_dataset(path: Path, handle: Any, key: str) -> Any:
+    """``handle[key]`` when it is a dataset stored in this file: not a group, not a link to
+    another file or object, not external or virtual storage (those read other files)."""
+    h5py = import_h5py()
+    link = handle.get(key, getlink=True)
+    if not isinstance(link, h5py.HardLink):
+        raise InputError(
+            f"{path}: '{key}' must be a dataset stored in this file, got an HDF5 "
+            f"{type(link).__name__} (a link may lead to another file)"
+        )
+    dataset = handle[key]
+    if not isinstance(dataset, h5py.Dataset):
+        raise InputError(f"{path}: '{key}' must be a dataset, got a {type(dataset).__name__}")
+    if dataset.external or dataset.is_virtual:
+        kind = "external" if dataset.external else "virtual"
+        raise InputError(
+            f"{path}: '{key}' must be stored in this file, got {kind} storage "
+            "(which reads other files)"
+        )
+    return dataset
 
 
 def _check_shape(name: str, shape: tuple[int, ...], dtype: Any) -> tuple[int, int]:
-    if len(shape) != 2 or shape[0] == 0:
-        raise InputError(f"{name}: features must be (N, F) with N >= 1, got {tuple(shape)}")
+    """(N, F) of a ``features`` array of this shape and dtype, or an InputError naming `name`."""
+    if len(shape) != 2:
+        raise InputError(
+            f"{name}: features must be (N, F), one row per patch, got shape {tuple(shape)}"
+        )
+    if shape[0] == 0 or shape[1] == 0:
+        raise InputError(
+            f"{name}: features must be (N, F) with N >= 1 patches and F >= 1, got {tuple(shape)}"
+        )
     if np.dtype(dtype).kind not in "fiu":
-        raise InputError(f"{name}: features must be numbers, got {np.dtype(dtype)}")
+        raise InputError(
+            f"{name}: features must be real numbers (float or integer), got {_dtype_name(dtype)}"
+        )
     return int(shape[0]), int(shape[1])
 
 
+def _check_coords_layout(name: str, shape: tuple[int, ...], dtype: Any, num_patches: int) -> None:
+    if tuple(shape) != (num_patches, 2):
+        raise InputError(
+            f"{name}: coords must be (N, 2) level-0 (x, y) = ({num_patches}, 2), one row per "
+            f"row of features, got {tuple(shape)}"
+        )
+    if np.dtype(dtype).kind not in "fiu":
+        raise InputError(
+            f"{name}: coords must be real numbers (level-0 pixels), got {_dtype_name(dtype)}"
+        )
+
+
+COORD_LIMIT = 2**53  # |level-0 pixels|: beyond it floats skip whole numbers; no slide is there
+
+
 def _check_coords(name: str, coords: Any, num_patches: int) -> np.ndarray:
+    """Coords (N, 2) as int64 whole level-0 pixels (rounded), or an InputError naming `name`."""
     coords = np.asarray(coords)
-    if coords.shape != (num_patches, 2):
-        raise InputError(f"{name}: coords must be (N, 2) = ({num_patches}, 2), got {coords.shape}")
-    if coords.dtype.kind == "f" and not np.isfinite(coords).all():
-        raise InputError(f"{name}: coords hold NaN or inf")
+    _check_coords_layout(name, coords.shape, coords.dtype, num_patches)
+    bad = ~(np.abs(coords) < COORD_LIMIT).all(axis=1)  # NaN compares False
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise InputError(
+            f"{name}: coords must be finite level-0 (x, y) pixels, got {coords[row].tolist()} "
+            f"at row {row} (bad rows: {int(bad.sum())} of {num_patches})"
+        )
     return np.rint(coords).astype(np.int64)
+
+
+def _dtype_name(dtype: Any) -> str:
+    dtype = np.dtype(dtype)
+    kinds = {"b": "booleans", "c": "complex numbers", "O": "objects", "S": "bytes", "U": "text"}
+    return f"{kinds[dtype.kind]} ({dtype})" if dtype.kind in kinds else str(dtype)
+
+
+def _positive_number(name: str, key: str, value: Any) -> float:
+    """An attribute that must hold a finite number > 0 (a tile size, a downsample); of a list
+    (CLAM's downsample (x, y)) the first."""
+    array = np.asarray(value)
+    number = float(array.reshape(-1)[0]) if array.size and array.dtype.kind in "fiu" else None
+    if number is None or not math.isfinite(number) or number <= 0:
+        raise InputError(f"{name}: {key} must be a number > 0, got {_plain(value)!r}")
+    return number
 
 
 def _grid_step(coords: np.ndarray | None) -> float | None:
@@ -307,13 +413,14 @@ def tile_size_level0(handle: Any) -> float | None:
     """Level-0 tile side of an open HDF5 bag from its attributes (on ``coords`` or the file):
     ``patch_size_level0`` (TRIDENT, ips), else ``patch_size`` times ``downsample`` (ips,
     CLAM); None when it records neither."""
+    name = str(getattr(handle, "filename", "HDF5 bag"))
     for attrs in (handle["coords"].attrs, handle.attrs):
         if "patch_size_level0" in attrs:
-            return float(np.asarray(attrs["patch_size_level0"]).reshape(-1)[0])
+            return _positive_number(name, "patch_size_level0", attrs["patch_size_level0"])
         if "patch_size" in attrs:
-            size = float(np.asarray(attrs["patch_size"]).reshape(-1)[0])
+            size = _positive_number(name, "patch_size", attrs["patch_size"])
             if "downsample" in attrs:
-                size *= float(np.asarray(attrs["downsample"]).reshape(-1)[0])
+                size *= _positive_number(name, "downsample", attrs["downsample"])
             return size
     return None
 
@@ -401,6 +508,10 @@ class FeatureBagDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.bags)
+
+    def describe(self, i: int) -> str:
+        """Bag i for a message: its file."""
+        return str(self.bags[i])
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         bag = open_feature_bag(self.bags[i])

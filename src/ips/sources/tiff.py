@@ -82,7 +82,7 @@ def shared_tile_cache() -> _TileCache:
 class _Level:
     """Geometry and decoding of one pyramid level (one TIFF page) of an open file."""
 
-    def __init__(self, tif: Any, page: Any, path: str, background: int) -> None:
+    def __init__(self, tif: Any, page: Any, background: int) -> None:
         keyframe = (
             page.keyframe if hasattr(page, "keyframe") and page.keyframe is not None else page
         )
@@ -111,19 +111,26 @@ class _Level:
                 f"photometric interpretation {keyframe.photometric!r} is not supported"
             )
         self.separate = int(keyframe.planarconfig) == 2 and self.samples > 1
-        if keyframe.is_tiled:
+        self.tiled = bool(keyframe.is_tiled)
+        if self.tiled:
             self.seg_w, self.seg_h = int(keyframe.tilewidth), int(keyframe.tilelength)
         else:
             self.seg_w, self.seg_h = self.width, int(min(keyframe.rowsperstrip, self.height))
         self.nx = math.ceil(self.width / self.seg_w)
         self.ny = math.ceil(self.height / self.seg_h)
         # numpy copies: tifffile holds these as tuples of Python ints (~40 bytes per tile each),
-        # which the open file is closed to release (see TiffSource._open)
-        self.offsets = np.asarray(page.dataoffsets, dtype=np.int64)
-        self.bytecounts = np.asarray(page.databytecounts, dtype=np.int64)
+        # which the open file is closed to release (see TiffSource._open); unsigned, as in the
+        # file, so that no offset a file can hold overflows
+        self.offsets = np.asarray(page.dataoffsets, dtype=np.uint64)
+        self.bytecounts = np.asarray(page.databytecounts, dtype=np.uint64)
         per_plane = self.nx * self.ny
         if len(self.offsets) < per_plane * (self.samples if self.separate else 1):
             raise InputError(f"page has {len(self.offsets)} segments, expected {per_plane}")
+        if len(self.bytecounts) != len(self.offsets):
+            raise InputError(
+                f"page has {len(self.offsets)} segment offsets but {len(self.bytecounts)} "
+                "byte counts"
+            )
         self.decode = keyframe.decode  # tifffile's segment decoder (cached per page shape)
         self.decode_args: dict[str, Any] = {}
         if keyframe.jpegtables is not None:
@@ -149,14 +156,61 @@ class _Level:
             self.channels = self.samples
         self.background = background
         self.memmap = None
-        if keyframe.is_memmappable and not self.separate and page is keyframe:
+        self._mappable = keyframe.is_memmappable and not self.separate and page is keyframe
+        self._byteorder = tif.byteorder
+
+    def map(self, path: str) -> None:
+        """Memory-map a contiguous uncompressed level (after `check_extent` passed)."""
+        if self._mappable:
             self.memmap = np.memmap(
                 path,
-                dtype=self.dtype.newbyteorder(tif.byteorder),
+                dtype=self.dtype.newbyteorder(self._byteorder),
                 mode="r",
                 offset=int(self.offsets[0]),
                 shape=(self.height, self.width, self.samples),
             )
+
+    def segment_name(self, index: int) -> str:
+        """``tile (row 3, col 5)`` or ``strip 3`` (of sample plane s) for segment `index`."""
+        plane, index = divmod(index, self.nx * self.ny)
+        row, col = divmod(index, self.nx)
+        name = f"tile (row {row}, col {col})" if self.tiled else f"strip {row}"
+        return f"{name} of sample plane {plane}" if self.separate else name
+
+    def past_the_end(self, level: int, index: int, size: int, more: int = 0) -> str:
+        """The one-line reason for a segment whose data does not lie inside the file."""
+        also = f"; so do {more} more of level {level}" if more else ""
+        return (
+            f"level {level} {self.segment_name(index)} at byte offset {int(self.offsets[index])} "
+            f"({int(self.bytecounts[index])} bytes) runs past the end of the file ({size} "
+            f"bytes){also}; the file is truncated or corrupt"
+        )
+
+    def check_extent(self, level: int, size: int) -> str | None:
+        """Why the segments a read may touch do not all lie inside a file of `size` bytes, or
+        None when they do; absent segments (offset or byte count 0) read as background."""
+        needed = self.nx * self.ny * (self.samples if self.separate else 1)
+        offsets, counts = self.offsets[:needed], self.bytecounts[:needed]
+        end = np.uint64(size)
+        # unsigned, so offset + count cannot overflow: compare count with what follows offset
+        past = (
+            (offsets > 0)
+            & (counts > 0)
+            & ((offsets > end) | (counts > end - np.minimum(offsets, end)))
+        )
+        if past.any():
+            bad = np.flatnonzero(past)
+            return self.past_the_end(level, int(bad[0]), size, more=len(bad) - 1)
+        if self._mappable:  # one contiguous block, read whole through a memory map
+            offset = int(offsets[0])
+            nbytes = self.width * self.height * self.samples * self.dtype.itemsize
+            if offset + nbytes > size:
+                return (
+                    f"level {level}: its uncompressed image at byte offset {offset} ({nbytes} "
+                    f"bytes) runs past the end of the file ({size} bytes); the file is "
+                    "truncated or corrupt"
+                )
+        return None
 
     def normalize(self, raw: np.ndarray) -> np.ndarray:
         """Raw samples (h, w, S) -> uint8 (h, w, C): palette, bit depth, inversion, alpha."""
@@ -266,6 +320,9 @@ class TiffSource(PatchSource):
                         f"pyramid levels have different channel counts {sorted(channels)}"
                     )
                 file_mpp = self._file_mpp
+            except CannotReadError:  # names the file already
+                self._release()
+                raise
             except Exception as exc:
                 self._release()
                 raise cannot_read(self.path, exc) from None
@@ -287,25 +344,17 @@ class TiffSource(PatchSource):
         copies and the segment decoders instead, and tiles are read through a plain handle.
         """
         tifffile = require("tifffile")
-        with tifffile.TiffFile(self.path) as tif:
-            if not tif.series:
-                raise InputError("no image in file")
-            if not 0 <= self._series < len(tif.series):
-                raise InputError(f"series must be in [0, {len(tif.series)}), got {self._series}")
-            series = tif.series[self._series]
-            pages = [lv.pages[0] for lv in series.levels]
-            levels = [_Level(tif, page, str(self.path), self.background) for page in pages]
-            self._file_mpp = _tiff_mpp(tif, pages[0])
-        levels.sort(key=lambda lv: -lv.width * lv.height)
-        size = os.path.getsize(self.path)
-        for k, lv in enumerate(levels):  # a truncated file fails here, not in the middle of a run
-            ends = np.where(lv.offsets > 0, lv.offsets + lv.bytecounts, 0)
-            if len(ends) and ends.max() > size:
-                raise InputError(
-                    f"truncated: tile data of level {k} ends at byte {ends.max()}, "
-                    f"the file has {size} bytes"
-                )
-        self._file = open(self.path, "rb")  # noqa: SIM115 (closed in _release)
+        try:  # also when a worker process reopens the file: a CannotReadError naming it
+            levels = self._parse(tifffile)
+            handle = open(self.path, "rb")  # noqa: SIM115 (closed in _release)
+        except Exception as exc:
+            raise cannot_read(self.path, exc) from None
+        try:
+            self._check_extents(levels, os.fstat(handle.fileno()).st_size)
+        except BaseException:
+            handle.close()
+            raise
+        self._file = handle
         self._levels = levels
         if self._cache_bytes is None:
             self._cache = shared_tile_cache()
@@ -314,6 +363,32 @@ class TiffSource(PatchSource):
         else:
             self._cache = _TileCache(self._cache_bytes)
             self._key = ()
+
+    def _parse(self, tifffile: Any) -> list[_Level]:
+        """The levels of the chosen series, largest first."""
+        with tifffile.TiffFile(self.path) as tif:
+            if not tif.series:
+                raise InputError("no image in file")
+            if not 0 <= self._series < len(tif.series):
+                raise InputError(f"series must be in [0, {len(tif.series)}), got {self._series}")
+            series = tif.series[self._series]
+            pages = [lv.pages[0] for lv in series.levels]
+            levels = [_Level(tif, page, self.background) for page in pages]
+            self._file_mpp = _tiff_mpp(tif, pages[0])
+        return sorted(levels, key=lambda lv: -lv.width * lv.height)
+
+    def _check_extents(self, levels: list[_Level], size: int) -> None:
+        """Refuse tiles whose data would lie past the end of the file (`size` bytes): a
+        truncated file fails when opened, naming a tile, not in the middle of a run. Then
+        memory-map the levels that can be."""
+        for k, lv in enumerate(levels):
+            reason = lv.check_extent(k, size)
+            if reason is not None:
+                raise CannotReadError(f"{self.path}: {reason}")
+            try:
+                lv.map(str(self.path))
+            except (OSError, ValueError) as exc:
+                raise cannot_read(self.path, exc) from None
 
     def _release(self) -> None:
         if self._file is not None:
@@ -328,8 +403,9 @@ class TiffSource(PatchSource):
             return None
         self._file.seek(offset)
         data = self._file.read(count)
-        if len(data) != count:
-            raise CannotReadError(f"{self.path}: tile {index} of level {level} is truncated")
+        if len(data) != count:  # the file shrank since it was opened
+            size = os.fstat(self._file.fileno()).st_size
+            raise CannotReadError(f"{self.path}: {lv.past_the_end(level, index, size)}")
         try:
             segment = lv.decode(data, index, **lv.decode_args)[0]
         except Exception as exc:  # codec errors have many types (Jpeg8Error, zlib.error, ...)

@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -152,12 +151,7 @@ def load_tissue_mask(
     if not path.exists():
         raise MissingFileError(f"{path}: no such file")
     if path.suffix.lower() in (".json", ".geojson"):
-        try:
-            geojson = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(
-                f"{path}: cannot read as GeoJSON ({' '.join(str(exc).split())})"
-            ) from None
+        geojson = read_geojson(path)
         if downsample is None:
             downsample = max(1.0, max(level0_size) / MASK_MAX_SIZE)
         mask = rasterize_geojson(geojson, level0_size, downsample, name=str(path))
@@ -175,6 +169,26 @@ def load_tissue_mask(
     return mask, (w0 / mask.shape[1], h0 / mask.shape[0])
 
 
+def read_geojson(path: str | os.PathLike) -> Any:
+    """Parse a GeoJSON file as plain JSON: NaN and Infinity (which Python's json would take)
+    are refused, and so is nesting too deep to walk."""
+    path = Path(path)
+
+    def refuse(constant: str) -> NoReturn:
+        raise ValueError(f"{constant} is not a JSON number")
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"), parse_constant=refuse)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError too
+        reason = " ".join(str(exc).split()) or "nested too deeply"
+        raise InputError(f"{path}: cannot read as GeoJSON ({reason})") from None
+
+
+GEOMETRIES = ("Polygon", "MultiPolygon", "GeometryCollection")  # what a mask is drawn from
+IGNORED_GEOMETRIES = ("Point", "MultiPoint", "LineString", "MultiLineString")  # no area
+COORD_LIMIT = 1e9  # |level-0 coordinate| beyond which a polygon is no slide's (PIL draws int32)
+
+
 def rasterize_geojson(
     geojson: Any,
     level0_size: tuple[int, int],
@@ -185,50 +199,143 @@ def rasterize_geojson(
     """Rasterise the polygons of a GeoJSON object (holes included) at a low resolution.
 
     Accepts a FeatureCollection, a Feature, a list of Features (QuPath's two export styles) or a
-    bare geometry; Polygon and MultiPolygon count, other geometries are ignored.
+    bare geometry; Polygon and MultiPolygon count, points and lines are ignored. Anything else
+    (another top level, an unknown geometry type, coordinates that are not finite numbers in
+    rings of at least 3 (x, y) positions, an empty polygon) is an InputError naming `name` and
+    the place in the document, e.g. ``features[2].geometry.coordinates[0]``.
 
     Args:
         geojson: the parsed JSON.
         level0_size: (width, height) of level 0; coordinates are level-0 pixels.
         downsample: level-0 pixels per mask pixel.
-        name: used in error messages.
+        name: used in error messages (the file).
 
     Returns:
         bool (ceil(height / downsample), ceil(width / downsample)).
     """
     from PIL import Image, ImageDraw
 
-    polygons = list(_polygons(geojson))
-    if not polygons:
-        raise InputError(f"{name}: no Polygon or MultiPolygon geometry found")
+    document = _Document(name)
+    document.top(geojson)
+    if not document.polygons:
+        ignored = sorted(document.ignored)
+        found = f"only {', '.join(ignored)}" if ignored else "no geometry"
+        raise InputError(f"{name}: no Polygon or MultiPolygon geometry found ({found})")
     width = max(1, math.ceil(level0_size[0] / downsample))
     height = max(1, math.ceil(level0_size[1] / downsample))
     img = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(img)
-    for rings in polygons:
-        for i, ring in enumerate(rings):
-            points = np.asarray(ring, dtype=np.float64).reshape(-1, 2)[:, :2] / downsample - 0.5
-            if len(points) >= 3:
-                draw.polygon([tuple(p) for p in points], fill=0 if i else 1)
+    for rings in document.polygons:
+        for i, ring in enumerate(rings):  # the exterior, then its holes
+            points = ring[:, :2] / downsample - 0.5
+            draw.polygon([tuple(p) for p in points.tolist()], fill=0 if i else 1)
     return np.asarray(img) > 0
 
 
-def _polygons(obj: Any) -> Iterator[list]:
-    """Yield each polygon as a list of rings (exterior first, then holes)."""
+class _Document:
+    """The polygons of a GeoJSON document, checked on the way down; errors name the file and
+    the place, e.g. ``features[2].geometry.coordinates[0]``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.polygons: list[list[np.ndarray]] = []  # per polygon: rings (K, 2+), exterior first
+        self.ignored: set[str] = set()  # geometry types without an area that were met
+
+    def fail(self, where: str, expected: str, got: Any) -> InputError:
+        at = f"{self.name}: {where}" if where else self.name
+        got = got if isinstance(got, str) else _describe(got)
+        return InputError(f"{at}: expected {expected}, got {got}")
+
+    def top(self, obj: Any) -> None:
+        kind = obj.get("type") if isinstance(obj, dict) else None
+        if isinstance(obj, list):  # QuPath: a bare list of Features
+            for i, item in enumerate(obj):
+                self.feature(item, f"[{i}]")
+        elif kind == "FeatureCollection":
+            features = obj.get("features")
+            if not isinstance(features, list):
+                raise self.fail("features", "a list of Features", features)
+            for i, item in enumerate(features):
+                self.feature(item, f"features[{i}]")
+        elif kind == "Feature":
+            self.feature(obj, "")
+        elif kind in GEOMETRIES + IGNORED_GEOMETRIES:
+            self.geometry(obj, "")
+        else:
+            raise self.fail(
+                "", "a GeoJSON FeatureCollection, Feature, list of Features or geometry", obj
+            )
+
+    def feature(self, obj: Any, where: str) -> None:
+        if not isinstance(obj, dict) or obj.get("type") != "Feature":
+            raise self.fail(where, "a Feature", obj)
+        if obj.get("geometry") is not None:  # null: a Feature without a place (RFC 7946)
+            self.geometry(obj["geometry"], _join(where, "geometry"))
+
+    def geometry(self, obj: Any, where: str) -> None:
+        kind = obj.get("type") if isinstance(obj, dict) else None
+        coordinates = obj.get("coordinates") if isinstance(obj, dict) else None
+        here = _join(where, "coordinates")
+        if kind == "GeometryCollection":
+            geometries = obj.get("geometries")
+            if not isinstance(geometries, list):
+                raise self.fail(_join(where, "geometries"), "a list of geometries", geometries)
+            for i, item in enumerate(geometries):
+                self.geometry(item, _join(where, f"geometries[{i}]"))
+        elif kind == "Polygon":
+            self.polygons.append(self.polygon(coordinates, here))
+        elif kind == "MultiPolygon":
+            if not isinstance(coordinates, list) or not coordinates:
+                raise self.fail(here, "a non-empty list of polygons", coordinates)
+            for i, rings in enumerate(coordinates):
+                self.polygons.append(self.polygon(rings, f"{here}[{i}]"))
+        elif kind in IGNORED_GEOMETRIES:
+            self.ignored.add(kind)
+        else:
+            types = ", ".join(GEOMETRIES + IGNORED_GEOMETRIES)
+            raise self.fail(where, f"a geometry of type {types}", obj)
+
+    def polygon(self, rings: Any, where: str) -> list[np.ndarray]:
+        if not isinstance(rings, list) or not rings:
+            raise self.fail(where, "a non-empty list of rings (exterior, then holes)", rings)
+        return [self.ring(ring, f"{where}[{i}]") for i, ring in enumerate(rings)]
+
+    def ring(self, ring: Any, where: str) -> np.ndarray:
+        expected = "a ring of at least 3 [x, y] positions in finite level-0 pixels"
+        try:
+            points = np.asarray(ring) if isinstance(ring, list) else None
+        except ValueError:  # ragged nesting
+            points = None
+        if points is None or points.ndim != 2 or points.shape[1] < 2:
+            raise self.fail(where, expected, ring)
+        if points.dtype.kind not in "iuf":
+            raise self.fail(where, expected, f"{points.dtype.name} values: {_short(ring)}")
+        if len(points) < 3:
+            raise self.fail(where, expected, f"{len(points)} position(s)")
+        points = points.astype(np.float64)
+        outside = ~(np.abs(points) <= COORD_LIMIT).all(axis=1)  # NaN, inf or too far
+        if outside.any():
+            first = int(np.flatnonzero(outside)[0])
+            raise self.fail(
+                where, f"{expected} within ±{COORD_LIMIT:g}", f"{points[first].tolist()} at {first}"
+            )
+        return points
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _describe(obj: Any) -> str:
+    """A short picture of a JSON value for an error message."""
+    if isinstance(obj, dict):
+        kind = obj.get("type")
+        return f"an object of type {kind!r}" if kind is not None else "an object without 'type'"
     if isinstance(obj, list):
-        for item in obj:
-            yield from _polygons(item)
-        return
-    if not isinstance(obj, dict):
-        return
-    kind = obj.get("type")
-    if kind == "FeatureCollection":
-        yield from _polygons(obj.get("features", []))
-    elif kind == "Feature":
-        yield from _polygons(obj.get("geometry"))
-    elif kind == "GeometryCollection":
-        yield from _polygons(obj.get("geometries", []))
-    elif kind == "Polygon":
-        yield obj.get("coordinates", [])
-    elif kind == "MultiPolygon":
-        yield from obj.get("coordinates", [])
+        return "an empty list" if not obj else f"a list: {_short(obj)}"
+    return "nothing" if obj is None else f"{type(obj).__name__} {_short(obj)}"
+
+
+def _short(obj: Any) -> str:
+    text = json.dumps(obj, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
