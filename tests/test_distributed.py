@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import multiprocessing
+import os
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from conftest import MNIST_TINY, TINY, random_patches, random_targets
 from ips import distributed
 from ips.config import Config, TrainConfig, load_config
 from ips.distributed import EvalBatchSampler, TrainBatchSampler
+from ips.errors import PREEMPTED_EXIT
 from ips.model import load_checkpoint, load_model
 from ips.train import evaluate_checkpoint, fit, make_loader, make_train_loader, train_one_epoch
 
@@ -84,7 +86,7 @@ def _train(*, num_items: int, batch_size: int, accumulate: int) -> dict:
         scheduler,
         config.train,
         device=torch.device("cpu"),
-        generator=torch.Generator().manual_seed(3),
+        epoch=3,
     )
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return {"state": state, "metrics": metrics, "steps": scheduler.last_epoch}
@@ -321,6 +323,41 @@ def test_a_run_of_two_processes_resumes_in_one_process(tiny_mnist, tmp_path):
     assert int(adam["step"]) == 4  # the optimizer went on from the two processes' state
     changed = [k for k in first["model"] if not torch.equal(first["model"][k], second["model"][k])]
     assert "pool.queries" in changed
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_run_of_two_processes_stops_both_at_one_step(tiny_mnist, tmp_path):
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "ips", "train", "--config", "megapixel_mnist_cpu"]
+    command += [f"--set={item}" for item in [*MNIST_RUN, f"data.path={tiny_mnist}"]]
+    command += ["--set=train.epochs=6", "--out", str(run), "--nproc", "2", "--no-progress"]
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stderr:
+        launcher = subprocess.Popen(
+            command, stderr=stderr, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "metrics.csv").exists():  # epoch 1 saved
+            assert launcher.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no epoch finished in time"
+            time.sleep(0.01)
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=120)  # both processes stop; nothing hangs
+    finally:
+        launcher.kill()
+        launcher.wait()
+    text = log.read_text()
+    assert launcher.returncode == PREEMPTED_EXIT, text[-3000:]
+    assert "stopped by SIGTERM" in text and "Traceback" not in text, text[-3000:]
+    state = load_checkpoint(run / "last.pt")  # whole, written by rank 0
+    done = state["epoch"] + state.get("progress", {}).get("step", 0) / 2
+    assert 1 <= done < 6
+    summary = fit(_mnist_config(tiny_mnist, "train.epochs=6"), run, resume=True, progress=False)
+    assert summary["epochs"] == 6 and load_checkpoint(run / "last.pt")["epoch"] == 6
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == [str(e) for e in range(1, 7)]
+    assert [r["step"] for r in rows] == [str(2 * e) for e in range(1, 7)]
 
 
 def test_a_failure_in_one_process_ends_the_run_with_its_error(tiny_mnist, tmp_path):

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import pickle
+import re
 import signal
 import ssl
 import subprocess
@@ -30,6 +31,7 @@ from ips.cli import main
 from ips.config import Config, config_to_dict, load_config, resolve_config_path
 from ips.data import generate_megapixel_mnist
 from ips.data import mnist as mnist_module
+from ips.errors import PREEMPTED_EXIT, Stopped
 from ips.files import download
 from ips.sources import CannotReadError
 from ips.sources.synthetic import write_synthetic_slide
@@ -77,9 +79,10 @@ def data(tmp_path_factory) -> Path:
     )
 
 
-def _fit_here(data: Path, run_dir: Path, **kwargs) -> Path:
+def _fit_here(data: Path, run_dir: Path, workers: int = 0, **kwargs) -> Path:
     """Train in this process with one thread, as the runs in other processes do."""
-    config = load_config(resolve_config_path("megapixel_mnist_cpu"), [*RUN, f"data.path={data}"])
+    sets = [*RUN, f"data.path={data}", f"data.num_workers={workers}"]
+    config = load_config(resolve_config_path("megapixel_mnist_cpu"), sets)
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(1)
     try:
@@ -128,6 +131,131 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(data, straig
         torch.use_deterministic_algorithms(deterministic)
     assert ips.load_checkpoint(run_dir / "last.pt")["epoch"] == 3
     assert _weights(run_dir) == _weights(straight)
+    assert _metrics(run_dir) == _metrics(straight)
+
+
+# ---- SIGTERM (preemption) and a dead data loader worker ---------------------------------------
+
+
+def _signal_at_step(monkeypatch, step: int, when: str = "step") -> None:
+    """Send this process SIGTERM during its ``step``-th training step (1-based, over the
+    run), or, with ``when="save"``, while the ``step``-th checkpoint is being written."""
+    import ips.train as train_module
+
+    calls = {"n": 0}
+    target = train_module._train_step if when == "step" else train_module.save_checkpoint
+
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler only sets a flag: work goes on
+        return target(*args, **kwargs)
+
+    name = "_train_step" if when == "step" else "save_checkpoint"
+    monkeypatch.setattr(train_module, name, wrapped)
+
+
+def _resume_here(data: Path, run_dir: Path) -> None:
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    try:
+        assert main(_train_command(data, run_dir, "--resume")[3:]) == 0  # ips train --resume
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def test_sigterm_inside_an_epoch_saves_that_step_and_resume_ends_as_an_unbroken_run(
+    data, straight, tmp_path, monkeypatch
+):
+    run_dir, handler = tmp_path / "run", signal.getsignal(signal.SIGTERM)
+    _signal_at_step(monkeypatch, 3)  # epoch 2 of 3, its first of two steps
+    with pytest.raises(Stopped, match=r"stopped by SIGTERM; .*last\.pt holds epoch 2 after step 1"):
+        _fit_here(data, run_dir)
+    last = ips.load_checkpoint(run_dir / "last.pt")
+    assert last["epoch"] == 1 and last["progress"]["step"] == 1
+    assert int(last["scheduler"]["last_epoch"]) == 3  # three optimizer steps are in it
+    assert not list(run_dir.glob(".*.tmp"))
+    assert signal.getsignal(signal.SIGTERM) is handler  # training's handler went away
+
+    monkeypatch.undo()
+    _resume_here(data, run_dir)
+    assert ips.load_checkpoint(run_dir / "last.pt")["epoch"] == 3
+    assert _weights(run_dir) == _weights(straight)
+    assert _metrics(run_dir) == _metrics(straight)
+
+
+def test_sigterm_while_a_checkpoint_is_written_keeps_it_whole_and_resumes_exactly(
+    data, straight, tmp_path, monkeypatch
+):
+    run_dir = tmp_path / "run"
+    _signal_at_step(monkeypatch, 1, when="save")  # while epoch 1's last.pt is written
+    with pytest.raises(Stopped, match=r"stopped by SIGTERM after epoch 1") as stopped:
+        _fit_here(data, run_dir)
+    assert stopped.value.exit_status == PREEMPTED_EXIT
+    last = ips.load_checkpoint(run_dir / "last.pt")  # whole: it loads
+    assert last["epoch"] == 1 and "progress" not in last
+    monkeypatch.undo()
+    _resume_here(data, run_dir)
+    assert _weights(run_dir) == _weights(straight)
+    assert _metrics(run_dir) == _metrics(straight)
+
+
+@pytest.mark.slow
+def test_ips_train_stopped_by_sigterm_exits_with_the_preemption_status(data, straight, tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "stderr.txt"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(_train_command(data, run_dir), env=ENV, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run_dir / "metrics.csv").exists():  # written once epoch 1 is saved
+            assert proc.poll() is None, f"the run ended before epoch 1 was saved: {log.read_text()}"
+            assert time.monotonic() < deadline, "no epoch finished in time"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    lines = [line for line in log.read_text().splitlines() if line.startswith("ips:")]
+    if proc.returncode == 0:  # the signal came after the last step: nothing left to stop
+        assert ips.load_checkpoint(run_dir / "last.pt")["epoch"] == 3
+    else:
+        assert proc.returncode == PREEMPTED_EXIT, log.read_text()
+        assert len(lines) == 1 and "stopped by SIGTERM" in lines[0] and "--resume" in lines[0]
+        _resume_here(data, run_dir)
+    assert _weights(run_dir) == _weights(straight)
+    assert _metrics(run_dir) == _metrics(straight)
+
+
+def test_a_data_loader_worker_killed_mid_epoch_is_named_and_the_run_resumes(
+    data, straight, tmp_path, monkeypatch
+):
+    from torch.utils.data import get_worker_info
+
+    from ips.data.megapixel_mnist import MegapixelMNIST
+
+    marker, read = tmp_path / "killed-once", MegapixelMNIST.__getitem__
+
+    def oom(self, i):  # the out-of-memory killer takes the worker reading image 2, once
+        if get_worker_info() is not None and i == 2 and not marker.exists():
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return read(self, i)
+
+    monkeypatch.setattr(MegapixelMNIST, "__getitem__", oom)
+    run_dir = tmp_path / "run"
+    with pytest.raises(Stopped) as stopped:
+        _fit_here(data, run_dir, workers=1)
+    message = str(stopped.value)
+    assert stopped.value.exit_status == 1 and "\n" not in message
+    assert re.search(r"data loader worker 0 \(pid \d+\) .* while reading sample 2\b", message)
+    assert "out-of-memory" in message and "--resume" in message
+    last = ips.load_checkpoint(run_dir / "last.pt")
+    assert last["config"]["data"]["num_workers"] == 1
+    monkeypatch.undo()
+    _resume_here(data, run_dir)
+    assert _weights(run_dir) == _weights(straight)  # workers read what the main process reads
     assert _metrics(run_dir) == _metrics(straight)
 
 

@@ -2,6 +2,10 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +14,7 @@ import torch
 from conftest import MNIST_TINY
 from ips.config import TrainConfig, load_config
 from ips.data import generate_megapixel_mnist, load_mnist
+from ips.errors import InUseError
 from ips.metrics import roc_auc
 from ips.model import load_checkpoint
 from ips.precision import autocast, native_bf16, resolve_amp
@@ -116,8 +121,65 @@ def test_eval_of_a_checkpoint_reproduces_the_logged_validation_metrics(tiny_mnis
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tiny_mnist, tmp_path):
-    with pytest.raises(FileNotFoundError, match="last.pt"):
+    with pytest.raises(FileNotFoundError, match=r"last\.pt: nothing to resume.*--resume auto"):
         fit(_config(tiny_mnist), tmp_path, resume=True, progress=False)
+
+
+def test_resume_auto_starts_where_there_is_no_run_and_continues_where_there_is(
+    tiny_mnist, tmp_path
+):
+    config = _config(tiny_mnist, "train.epochs=2")
+    fit(config, tmp_path, resume="auto", progress=False, max_epochs=1)  # nothing there: starts
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+    summary = fit(config, tmp_path, resume="auto", progress=False)  # goes on from epoch 1
+    assert [row["epoch"] for row in summary["history"]] == [2]
+    with pytest.raises(ValueError, match="resume must be True, False or 'auto'"):
+        fit(config, tmp_path, resume="yes", progress=False)
+
+
+def test_a_fresh_run_into_a_folder_holding_one_is_refused_and_leaves_it_alone(tiny_mnist, tmp_path):
+    config = _config(tiny_mnist, "train.epochs=1")
+    fit(config, tmp_path, progress=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(InUseError, match=r"already holds a run \(last\.pt\); --resume"):
+        fit(config, tmp_path, progress=False)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert {k: v for k, v in after.items() if k != "run.lock"} == {
+        k: v for k, v in before.items() if k != "run.lock"
+    }
+
+
+def test_a_second_run_into_a_folder_a_live_run_holds_is_refused_naming_the_holder(
+    tiny_mnist, tmp_path
+):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(InUseError) as refused:
+            fit(_config(tiny_mnist, "train.epochs=1"), tmp_path, progress=False)
+        message = str(refused.value)
+        assert f"pid {holder.pid} on host {socket.gethostname()}" in message
+        assert "another run is writing into this folder" in message
+        assert not (tmp_path / "config.yaml").exists()  # the refused run wrote nothing
+    finally:
+        holder.kill()  # kill -9: the kernel drops its lock
+        holder.wait()
+    fit(
+        _config(tiny_mnist, "train.epochs=1"), tmp_path, progress=False
+    )  # a dead holder holds nothing
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+    assert f"pid {os.getpid()} " in (tmp_path / "run.lock").read_text()
+
+
+HOLD_LOCK = """
+import sys, time
+from ips.guard import RunLock
+lock = RunLock(sys.argv[1]); lock.acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
 
 
 def test_resume_from_a_damaged_last_checkpoint_names_it_and_keeps_it(tiny_mnist, tmp_path):

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ips.errors import ConfigError, MissingFileError, UserError
+from ips.errors import PREEMPTED_EXIT, ConfigError, MissingFileError, Stopped, UserError
 
 if TYPE_CHECKING:
     from ips.config import Config
@@ -126,7 +126,16 @@ def _add_train(sub: Any) -> None:
     )
     p.add_argument("--config", required=True, help="YAML file, or a shipped config's name")
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, config)")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        type=_resume_mode,
+        metavar="auto",
+        help="continue from RUN_DIR/last.pt (an error where there is none); --resume auto: "
+        "continue where there is one, start otherwise (a job that a scheduler requeues)",
+    )
     p.add_argument(
         "--nproc",
         type=int,
@@ -141,6 +150,12 @@ def _add_train(sub: Any) -> None:
         metavar="MINUTES",
         help="several processes: how long one waits for the others before failing",
     )
+
+
+def _resume_mode(value: str) -> str:
+    if value != "auto":
+        raise argparse.ArgumentTypeError(f"expected nothing or 'auto', got {value!r}")
+    return value
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -179,6 +194,9 @@ def _launch_train(args: argparse.Namespace) -> int:
 
     argv = _without_option(args.argv, "--nproc")
     failures = distributed.launch(argv, nproc=args.nproc)
+    if failures and all(f.exit_code == PREEMPTED_EXIT for f in failures):
+        print(f"ips: {failures[0].line}", file=sys.stderr)  # every process stopped on a signal
+        return PREEMPTED_EXIT
     for failure in failures:  # the first is the cause, later ones may be its echo
         print(f"ips: error: {failure.line}", file=sys.stderr)
     return next((f.exit_code for f in failures if f.exit_code > 0), 1) if failures else 0
@@ -208,7 +226,7 @@ def _train_in_process_group(args: argparse.Namespace, config: Config) -> int:
     from ips.train import fit
 
     @record  # the launcher reports this process's error, traceback included
-    def run() -> dict:
+    def run() -> dict | Stopped:
         timeout = timedelta(minutes=args.dist_timeout)
         device = distributed.init_distributed(_device(args.device), timeout=timeout)
         ranks = distributed.current()
@@ -220,13 +238,19 @@ def _train_in_process_group(args: argparse.Namespace, config: Config) -> int:
                 force=True,
             )
         log.info("process group of %d processes (%s)", ranks.world_size, device.type)
-        summary = fit(
-            config, args.out, resume=args.resume, device=device, progress=not args.no_progress
-        )
+        try:
+            summary = fit(
+                config, args.out, resume=args.resume, device=device, progress=not args.no_progress
+            )
+        except Stopped as stopped:  # every process stopped at the same step: not an error
+            distributed.shutdown()
+            return stopped
         distributed.shutdown()  # after an error the launcher stops every process instead
         return summary
 
     summary = run()
+    if isinstance(summary, Stopped):
+        raise summary
     log.info("run folder: %s (best validation score %.4f)", summary["run_dir"], summary["best"])
     return 0
 
@@ -258,8 +282,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = {args.split: nest_metrics(metrics), "checkpoint": str(args.checkpoint)}
     line = json.dumps(result)
     if args.out:
+        from ips.files import write_atomically
+
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(line + "\n")
+        write_atomically(args.out, line + "\n")
     print(line)
     return 0
 
@@ -854,8 +880,10 @@ def cmd_bench_memory(args: argparse.Namespace) -> int:
         print(memory_table(records))
     if args.out:
         out = Path(args.out)
+        from ips.files import write_atomically
+
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        write_atomically(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         plot_memory(records, out / "memory.png")
         log.info("wrote %s and %s", out / "results.jsonl", out / "memory.png")
     return 0
@@ -945,9 +973,11 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
         print(table)
     if args.out:
         out = Path(args.out)
+        from ips.files import write_atomically
+
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        (out / "table.md").write_text(table)
+        write_atomically(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        write_atomically(out / "table.md", table)
         log.info("wrote %s and %s", out / "results.jsonl", out / "table.md")
     return 0
 
@@ -987,6 +1017,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ips: interrupted", file=sys.stderr)
         return 130
+    except Stopped as stopped:  # training stopped early, its checkpoint written
+        print(f"ips: {stopped}", file=sys.stderr)
+        return stopped.exit_status
     except USER_ERRORS as err:
         if args.debug:
             raise

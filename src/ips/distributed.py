@@ -16,6 +16,7 @@ This module needs only torch.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -28,7 +29,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
-from ips.errors import InputError
+from ips.errors import PREEMPTED_EXIT, InputError
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -216,6 +217,8 @@ class TrainBatchSampler(Sampler[list[int]]):
         weights: per image, how likely it is drawn: the epoch then draws ``num_items`` images
             with replacement (seeded), instead of a permutation (e.g. inverse class
             frequencies, `balanced_weights`).
+        start_step: leave out the first this many global batches (an epoch resumed after
+            that many optimizer steps).
 
     Attributes:
         batches: the micro-batches, A per optimizer step.
@@ -233,6 +236,7 @@ class TrainBatchSampler(Sampler[list[int]]):
         world_size: int = 1,
         accumulate: int = 1,
         weights: Sequence[float] | None = None,
+        start_step: int = 0,
     ):
         micro_batch_size(batch_size, world_size, accumulate)
         parts = world_size * accumulate
@@ -265,6 +269,12 @@ class TrainBatchSampler(Sampler[list[int]]):
                 ids = batch[starts[piece] : starts[piece] + sizes[piece]]
                 self.batches.append(ids or batch[:1])
                 self.shares.append((len(ids), len(batch)))
+        if not 0 <= start_step <= len(self.batches) // accumulate:
+            raise InputError(
+                f"start_step must be in [0, {len(self.batches) // accumulate}], got {start_step}"
+            )
+        self.start_step = start_step
+        del self.batches[: start_step * accumulate], self.shares[: start_step * accumulate]
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches)
@@ -335,6 +345,7 @@ def launch(argv: Sequence[str], *, nproc: int) -> list[ProcessError]:
         The processes that failed (none when all succeeded), the first to fail first: when
         one fails the launcher stops the others, whose errors may echo the first one's.
     """
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -345,6 +356,13 @@ def launch(argv: Sequence[str], *, nproc: int) -> list[ProcessError]:
         run(args)
     except ChildFailedError as err:  # the launcher stopped the other processes
         return _process_errors(err, nproc)
+    except SignalException as err:  # the launcher got the signal and passed it on to them
+        name = signal.Signals(err.sigval).name
+        line = (
+            f"stopped by {name}: the processes were asked to save their step; the same command "
+            "with --resume continues from the last checkpoint"
+        )
+        return [ProcessError(-1, PREEMPTED_EXIT, line)]
     return []
 
 

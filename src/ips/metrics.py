@@ -77,6 +77,28 @@ class MetricTracker:
                 out.add(name, values)
         return out
 
+    def state(self) -> dict[str, Any]:
+        """The updates so far as plain data (tensors, lists, numbers), e.g. for a checkpoint."""
+        return {
+            "logits": {k: list(v) for k, v in self.logits.items()},
+            "targets": {k: list(v) for k, v in self.targets.items()},
+            "losses": list(self.losses),
+            "sizes": list(self.sizes),
+            "extra": {k: list(v) for k, v in self.extra.items()},
+        }
+
+    @classmethod
+    def from_state(cls, tasks, state: Mapping[str, Any]) -> MetricTracker:
+        """A tracker holding the updates of ``state`` (from `state`)."""
+        out = cls(tasks)
+        for name in out.logits:
+            out.logits[name] = list(state["logits"][name])
+            out.targets[name] = list(state["targets"][name])
+        out.losses = [float(v) for v in state["losses"]]
+        out.sizes = [int(v) for v in state["sizes"]]
+        out.extra = {str(k): [float(x) for x in v] for k, v in state["extra"].items()}
+        return out
+
     def compute(self) -> dict[str, float]:
         out: dict[str, float] = {}
         if self.sizes:

@@ -15,12 +15,14 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
+import hashlib
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,8 +40,19 @@ from ips.data.collate import SkipErrors, collate_patches
 from ips.data.registry import build_dataset, build_validation, resolve_config
 from ips.distributed import EvalBatchSampler, TrainBatchSampler, balanced_weights
 from ips.encoders import with_weights_normalization
-from ips.errors import InputError, MissingFileError, TrainingError, one_line
+from ips.errors import (
+    PREEMPTED_EXIT,
+    ConfigError,
+    InputError,
+    InUseError,
+    MissingFileError,
+    Stopped,
+    TrainingError,
+    WriteError,
+    one_line,
+)
 from ips.files import atomic_write
+from ips.guard import RunLock, StopSignals, WorkerSlots, describe_dead_worker
 from ips.heads import compute_loss
 from ips.metrics import MAIN_METRIC, MetricTracker, main_metric, selection_diagnostics
 from ips.model import IPSModel, load_checkpoint, save_checkpoint, weights_mismatch
@@ -133,6 +146,43 @@ def _forward(
     return out, loss, targets
 
 
+@dataclass
+class EpochProgress:
+    """How far an epoch got, taken between two of its steps: enough to go on from there
+    exactly (``train_one_epoch(start=...)``). Plain data, stored in ``last.pt``."""
+
+    step: int = 0  # steps of the epoch done: its first `step` global batches
+    seen: int = 0  # images trained on, all processes together
+    skipped: int = 0  # images skipped, all processes together
+    seconds: float = 0.0  # training time of the epoch so far
+    tracker: dict[str, Any] | None = None  # MetricTracker.state() of those steps
+
+
+class EpochStopped(Exception):
+    """``train_one_epoch`` stopped between two steps: ``should_stop`` gave a reason (a
+    signal), or a data loader worker died. ``progress`` is where the epoch stands."""
+
+    def __init__(self, reason: str, progress: EpochProgress, *, by_signal: bool) -> None:
+        super().__init__(reason)
+        self.progress = progress
+        self.by_signal = by_signal
+
+
+def step_generator(seed: int, epoch: int, step: int, rank: int = 0) -> torch.Generator:
+    """Seed the global RNG (dropout, augmentation) of one step on one process, and return
+    the generator of the step's selection order (the same on every process). Both follow
+    from (seed, epoch, step) alone, so an epoch resumed at any step draws what it would have
+    drawn uninterrupted, under any number of processes."""
+    torch.manual_seed(_mix(seed, epoch, step, rank, 1))
+    return torch.Generator().manual_seed(_mix(seed, epoch, step, 0))
+
+
+def _mix(*parts: int) -> int:
+    """A 63-bit seed from integers (the same in every process and Python version)."""
+    digest = hashlib.blake2b(",".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -141,7 +191,9 @@ def train_one_epoch(
     cfg: TrainConfig,
     *,
     device: torch.device,
-    generator: torch.Generator,
+    epoch: int = 0,
+    start: EpochProgress | None = None,
+    should_stop: Callable[[], str | None] | None = None,
     scaler: torch.amp.GradScaler | None = None,
     progress: Callable[[Iterable], Iterable] | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
@@ -150,6 +202,13 @@ def train_one_epoch(
     skip_errors: bool = False,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns the epoch's training metrics (over all processes).
+
+    Step k of epoch e draws its selection order, dropout and augmentation from
+    (``cfg.seed``, e, k) (`step_generator`). ``start`` (with a loader from
+    ``make_train_loader(start_step=start.step)``) goes on with an epoch that stopped after
+    ``start.step`` steps. Before each step ``should_stop()`` is asked (on every process, so
+    under DDP it must agree across them): a reason stops the epoch with `EpochStopped`, as
+    does a data loader worker that died (its message names the sample the worker held).
 
     ``augment`` changes the kept patches of the gradient pass (see `IPSModel.forward`);
     ``grid_shape`` (rows, cols) gives 2-D positional encodings over tensor batches. With
@@ -168,6 +227,7 @@ def train_one_epoch(
     micro-steps. Any other loader's batches are one step each.
     """
     core = distributed.unwrap(model)
+    ranks = distributed.current()
     parallel = isinstance(model, DistributedDataParallel)
     sampler = loader.batch_sampler
     planned = isinstance(sampler, TrainBatchSampler)
@@ -177,100 +237,201 @@ def train_one_epoch(
             "a model in DistributedDataParallel needs a loader from make_train_loader with the "
             "process group's world_size, and such a loader needs the wrapped model"
         )
+    begin = start or EpochProgress()
+    first = sampler.start_step if planned else 0
+    if begin.step != first:
+        raise InputError(
+            f"start is at step {begin.step} of the epoch, the loader at step {first}: make it "
+            f"with make_train_loader(..., start_step={begin.step})"
+        )
+    epoch_state = _EpochState(
+        tracker=MetricTracker(core.tasks)
+        if begin.tracker is None or not ranks.is_main  # rank 0 carries the stored updates
+        else MetricTracker.from_state(core.tasks, begin.tracker),
+        seen=begin.seen,
+        skipped=begin.skipped if ranks.is_main else 0,
+        started=time.perf_counter() - begin.seconds,
+        step=begin.step,
+    )
     shares = iter(sampler.shares) if planned else None
+    accumulate = sampler.accumulate if planned else 1
     model.train()
-    tracker = MetricTracker(core.tasks)
-    dataset = loader.dataset
-    start, seen, skipped = time.perf_counter(), 0, 0
-    fallback = None  # the last micro-batch with images: stands in for one whose images all failed
     batches = progress(loader) if progress else loader
-    for parts in _chunks(batches, sampler.accumulate if planned else 1):
+    chunks = _chunks(batches, accumulate)
+    while True:
+        reason = should_stop() if should_stop is not None else None
+        if reason:
+            raise EpochStopped(reason, epoch_state.progress(parallel), by_signal=True)
+        try:
+            parts = next(chunks)
+        except StopIteration:
+            break
+        except RuntimeError as err:  # a worker process that died (the OOM killer, say)
+            dataset = loader.dataset
+            slots, describe = getattr(dataset, "slots", None), getattr(dataset, "describe", None)
+            message = describe_dead_worker(err, slots, describe)
+            if message is None:
+                raise
+            if parallel:  # the other processes wait in a collective: no checkpoint to agree on
+                raise TrainingError(message) from None
+            raise EpochStopped(message, epoch_state.progress(False), by_signal=False) from None
         counts = []  # images of each micro-batch that count (none for a stand-in)
         for batch in parts:
-            skipped += _report_skipped(batch)
+            epoch_state.skipped += _report_skipped(batch)
             share = next(shares)[0] if shares is not None else len(batch["index"])
             counts.append(min(share, len(batch["index"])))
-        total = int(distributed.all_sum([sum(counts)])[0]) if parallel else sum(counts)
-        if total == 0:  # every image of this batch failed to read, on every process
+        generator = step_generator(cfg.seed, epoch, epoch_state.step, ranks.rank)
+        epoch_state.step += 1
+        stats = _train_step(
+            model,
+            parts,
+            counts,
+            epoch_state,
+            optimizer,
+            scheduler,
+            cfg,
+            device=device,
+            generator=generator,
+            scaler=scaler,
+            augment=augment,
+            grid_shape=grid_shape,
+            skip_errors=skip_errors and not parallel,
+            dataset=loader.dataset,
+        )
+        if stats is None:
             continue
-        optimizer.zero_grad(set_to_none=True)
-        order = generator.get_state()
-        step_loss = 0.0
-        done = []  # (logits, targets, loss, diagnostics) per micro-batch, tracked once it stepped
-        unreadable: Exception | None = None
-        for i, (batch, count) in enumerate(zip(parts, counts, strict=True)):
-            if not count:
-                if not parallel:  # nothing to do and no other process to keep in step with
-                    continue
-                batch = batch if len(batch["index"]) else fallback  # weighted 0 below
-                if batch is None:
-                    raise RuntimeError(
-                        f"rank {distributed.current().rank}: no image of its first micro-batch "
-                        "could be read, so it has nothing to keep in step with the other "
-                        "processes (see the skipped items above)"
-                    )
-            generator.set_state(order)  # each micro-batch visits patches in the batch's order
-            synced = i == len(parts) - 1 or not parallel
-            with contextlib.nullcontext() if synced else model.no_sync():
-                try:
-                    out, loss, targets = _forward(
-                        model, batch, device, generator, cfg.amp, augment, grid_shape
-                    )
-                except READ_ERRORS as err:  # a tile of a lazy slide that cannot be decoded
-                    if not skip_errors or parallel:  # other processes cannot skip with us
-                        raise
-                    unreadable = err
-                    break
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"the training loss became {loss.item()} at step {scheduler.last_epoch}; "
-                        "the last good checkpoint is kept (lower train.lr or set train.grad_clip)"
-                    )
-                weighted = loss * (count * world_size / total)  # DDP divides by world_size
-                (scaler.scale(weighted) if scaler is not None else weighted).backward()
-            if not count:
-                continue
-            fallback = batch
-            diagnostics = selection_diagnostics(
-                dataset, batch["index"], out.selected, out.mask, out.attention
-            )
-            done.append((out.logits, targets, loss.item(), diagnostics))
-            step_loss += loss.item() * count
-        if unreadable is not None:  # the whole step is left out, its images counted skipped
-            log.warning("skipped a step of %d images: %s", total, one_line(unreadable))
-            skipped += total
-            optimizer.zero_grad(set_to_none=True)
-            continue
-        for logits, targets, loss_value, diagnostics in done:
-            tracker.update(logits, targets, loss_value)
-            for name, values in diagnostics.items():
-                tracker.add(name, values)
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        if cfg.grad_clip is not None:
-            nn.utils.clip_grad_norm_(core.parameters(), cfg.grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        scheduler.step()
-        if parallel:
-            step_loss = distributed.all_sum([step_loss])[0]
-        seen += total
-        rate = seen / max(time.perf_counter() - start, 1e-9)
-        stats = {"loss": step_loss / total, "lr": optimizer.param_groups[0]["lr"], "img/s": rate}
         if hasattr(batches, "set_postfix"):
             batches.set_postfix({k: f"{v:.3g}" for k, v in stats.items()})
         if on_step is not None:
             on_step(scheduler.last_epoch, stats)
+    tracker, skipped = epoch_state.tracker, epoch_state.skipped
     if parallel:
         tracker = MetricTracker.merged(distributed.all_gather(tracker))
         skipped = int(distributed.all_sum([skipped])[0])
     metrics = tracker.compute()
-    metrics["images_per_second"] = seen / max(time.perf_counter() - start, 1e-9)
+    metrics["images_per_second"] = epoch_state.seen / max(epoch_state.seconds(), 1e-9)
     metrics["skipped"] = skipped
     return metrics
+
+
+@dataclass
+class _EpochState:
+    """What ``train_one_epoch`` accumulates from step to step."""
+
+    tracker: MetricTracker
+    seen: int  # images trained on, all processes
+    skipped: int  # images skipped, this process
+    started: float  # perf_counter at the (virtual) start of the epoch
+    step: int  # steps done
+    fallback: Mapping[str, Any] | None = None  # the last micro-batch with images (a stand-in)
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    def progress(self, parallel: bool) -> EpochProgress:
+        """Where the epoch stands; under DDP a collective (every process must call it)."""
+        tracker, skipped = self.tracker, self.skipped
+        if parallel:
+            tracker = MetricTracker.merged(distributed.all_gather(tracker))
+            skipped = int(distributed.all_sum([skipped])[0])
+        return EpochProgress(
+            step=self.step,
+            seen=self.seen,
+            skipped=skipped,
+            seconds=self.seconds(),
+            tracker=tracker.state(),
+        )
+
+
+def _train_step(
+    model: nn.Module,
+    parts: Sequence[Mapping[str, Any]],
+    counts: Sequence[int],
+    state: _EpochState,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    cfg: TrainConfig,
+    *,
+    device: torch.device,
+    generator: torch.Generator,
+    scaler: torch.amp.GradScaler | None,
+    augment: Callable[[Tensor], Tensor] | None,
+    grid_shape: tuple[int, int] | None,
+    skip_errors: bool,
+    dataset: Dataset,
+) -> dict[str, float] | None:
+    """One optimizer step over the micro-batches ``parts`` (``counts``: the images of each
+    that count); its loss, learning rate and images/s, or None when it was left out."""
+    core = distributed.unwrap(model)
+    parallel = isinstance(model, DistributedDataParallel)
+    world_size = distributed.current().world_size if parallel else 1
+    total = int(distributed.all_sum([sum(counts)])[0]) if parallel else sum(counts)
+    if total == 0:  # every image of this batch failed to read, on every process
+        return None
+    optimizer.zero_grad(set_to_none=True)
+    order = generator.get_state()
+    step_loss = 0.0
+    done = []  # (logits, targets, loss, diagnostics) per micro-batch, tracked once it stepped
+    for i, (batch, count) in enumerate(zip(parts, counts, strict=True)):
+        if not count:
+            if not parallel:  # nothing to do and no other process to keep in step with
+                continue
+            batch = batch if len(batch["index"]) else state.fallback  # weighted 0 below
+            if batch is None:
+                raise RuntimeError(
+                    f"rank {distributed.current().rank}: no image of its first micro-batch "
+                    "could be read, so it has nothing to keep in step with the other "
+                    "processes (see the skipped items above)"
+                )
+        generator.set_state(order)  # each micro-batch visits patches in the batch's order
+        synced = i == len(parts) - 1 or not parallel
+        with contextlib.nullcontext() if synced else model.no_sync():
+            try:
+                out, loss, targets = _forward(
+                    model, batch, device, generator, cfg.amp, augment, grid_shape
+                )
+            except READ_ERRORS as err:  # a tile of a lazy slide that cannot be decoded
+                if not skip_errors or isinstance(err, WriteError):  # (no skipping under DDP)
+                    raise
+                # the whole step is left out, its images counted skipped
+                log.warning("skipped a step of %d images: %s", total, one_line(err))
+                state.skipped += total
+                optimizer.zero_grad(set_to_none=True)
+                return None
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"the training loss became {loss.item()} at step {scheduler.last_epoch}; "
+                    "the last good checkpoint is kept (lower train.lr or set train.grad_clip)"
+                )
+            weighted = loss * (count * world_size / total)  # DDP divides by world_size
+            (scaler.scale(weighted) if scaler is not None else weighted).backward()
+        if not count:
+            continue
+        state.fallback = batch
+        diagnostics = selection_diagnostics(
+            dataset, batch["index"], out.selected, out.mask, out.attention
+        )
+        done.append((out.logits, targets, loss.item(), diagnostics))
+        step_loss += loss.item() * count
+    for logits, targets, loss_value, diagnostics in done:
+        state.tracker.update(logits, targets, loss_value)
+        for name, values in diagnostics.items():
+            state.tracker.add(name, values)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if cfg.grad_clip is not None:
+        nn.utils.clip_grad_norm_(core.parameters(), cfg.grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    if parallel:
+        step_loss = distributed.all_sum([step_loss])[0]
+    state.seen += total
+    rate = state.seen / max(state.seconds(), 1e-9)
+    return {"loss": step_loss / total, "lr": optimizer.param_groups[0]["lr"], "img/s": rate}
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -330,7 +491,7 @@ def evaluate(
                     core, batch, device, generator, amp, grid_shape=grid_shape
                 )
             except READ_ERRORS as err:
-                if not skip_errors or sharded:
+                if not skip_errors or sharded or isinstance(err, WriteError):
                     raise
                 log.warning("skipped %d images: %s", len(batch["index"]), one_line(err))
                 skipped += len(batch["index"])
@@ -420,11 +581,19 @@ def make_loader(
 
 
 def make_train_loader(
-    dataset: Dataset, config: Config, *, epoch: int, rank: int = 0, world_size: int = 1
+    dataset: Dataset,
+    config: Config,
+    *,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    start_step: int = 0,
 ) -> DataLoader:
     """This process's training micro-batches for one epoch: the batches of
     ``make_loader(shuffle=True)`` (seeded by (seed, epoch)), each split over ``world_size``
-    processes and ``train.accumulate`` micro-steps (see ``TrainBatchSampler``)."""
+    processes and ``train.accumulate`` micro-steps (see ``TrainBatchSampler``), from global
+    batch ``start_step`` on. A dataset's own random draws (augmentation while reading) are
+    seeded by (seed, epoch, image), whichever process or worker reads the image."""
     seed = _shuffle_seed(config.train.seed, epoch)
     sampler = TrainBatchSampler(
         len(dataset),
@@ -434,10 +603,36 @@ def make_train_loader(
         world_size=world_size,
         accumulate=config.train.accumulate,
         weights=_balance_weights(dataset, config.data.balance),
+        start_step=start_step,
     )
-    # the loader's own generator only seeds its worker processes (augmentation): one per rank
+    workers = config.data.num_workers
+    items = _TrainItems(dataset, seed, WorkerSlots(workers) if workers else None)
+    # the loader's own generator only seeds its worker processes: one per rank
     generator = torch.Generator().manual_seed(seed + rank * 1_000_000_007)
-    return _loader(dataset, config, batch_sampler=sampler, generator=generator)
+    return _loader(items, config, batch_sampler=sampler, generator=generator)
+
+
+class _TrainItems(Dataset):
+    """The training set as one epoch reads it: image i's random draws seeded by (the epoch's
+    seed, i), and, with worker processes, the image each worker is reading kept in ``slots``
+    (named when a worker dies)."""
+
+    def __init__(self, dataset: Dataset, seed: int, slots: WorkerSlots | None) -> None:
+        self.dataset, self.seed, self.slots = dataset, seed, slots
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:  # grid_shape, foreground_patches, describe, ...
+        if name in ("dataset", "seed", "slots"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, i: int) -> Any:
+        reading = self.slots.reading(i) if self.slots is not None else contextlib.nullcontext()
+        with reading, torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_mix(self.seed, i))
+            return self.dataset[i]
 
 
 def _balance_weights(dataset: Dataset, task: str | None) -> list[float] | None:
@@ -485,13 +680,6 @@ def _shuffle_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
 
 
-def _seed_epoch(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
-    # dropout and anything else drawing globally: its own stream on each process
-    torch.manual_seed(seed * 1_000_003 + epoch + rank * 1_000_000_007)
-    # selection order: the same on every process, as one process would draw it
-    return torch.Generator().manual_seed(seed * 7_919 + epoch)
-
-
 @dataclass
 class Run:
     """What a training run holds between its steps."""
@@ -508,13 +696,18 @@ class Run:
     grid_shape: tuple[int, int] | None  # (rows, cols) of a dataset with one fixed grid
     start_epoch: int = 0
     best: float = -math.inf  # best validation score so far
+    progress: EpochProgress | None = None  # how far the epoch start_epoch got, if it began
+    elapsed: float = 0.0  # training seconds before this call of fit (earlier calls)
+
+
+RESUME_MODES = (False, True, "auto")
 
 
 def fit(
     config: Config,
     run_dir: str | os.PathLike,
     *,
-    resume: bool = False,
+    resume: bool | str = False,
     device: torch.device | str = "cpu",
     progress: bool = True,
     max_epochs: int | None = None,
@@ -527,30 +720,53 @@ def fit(
     checkpoints hold nothing that depends on the number of processes, so a run resumes under
     any number.
 
+    One run writes into a folder at a time (``run_dir/run.lock``, see `ips.guard.RunLock`).
+    SIGTERM or SIGUSR1 (a scheduler about to end the job) stops training after the current
+    step: ``last.pt`` then holds that step, and `ips.errors.Stopped` is raised; ``resume``
+    goes on from it exactly.
+
     Args:
         config: the run's configuration (data, model, selection, train).
         run_dir: output folder (created); every process reads ``last.pt`` from it to resume.
-        resume: continue from ``run_dir/last.pt`` (its stored config wins over ``config``
-            except for ``train.epochs``).
+        resume: True: continue from ``run_dir/last.pt`` (its stored config wins over
+            ``config`` except for ``train.epochs``); "auto": continue where there is a
+            ``last.pt``, start otherwise; False: start, refused where ``last.pt`` exists.
         device: where the model runs (this process's device).
         progress: show tqdm progress bars (rank 0 only).
         max_epochs: stop after this many epochs in this call (for time-boxed runs); the
             schedule still follows ``train.epochs``.
     """
+    if resume not in RESUME_MODES:
+        raise ConfigError(f"resume must be True, False or 'auto', got {resume!r}")
     run_dir, device = Path(run_dir), torch.device(device)
-    if distributed.current().is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    state = _last_checkpoint(run_dir) if resume else None  # the exact point to go on from
-    run = _setup(config if state is None else _stored_config(state, config), run_dir, device)
-    if state is not None:
-        _restore(run, state, run_dir / "last.pt")
-    return _epochs(run, run_dir, device, progress=progress, max_epochs=max_epochs)
+    ranks = distributed.current()
+    with contextlib.ExitStack() as held:
+        if ranks.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            held.enter_context(RunLock(run_dir))
+        last = run_dir / "last.pt"
+        if resume == "auto":
+            resume = last.is_file()
+        elif not resume and ranks.is_main and last.is_file():
+            raise InUseError(
+                f"{run_dir}: already holds a run ({last.name}); --resume continues it (resume="
+                "True), --resume auto continues it or starts where there is none; to start "
+                "over, delete the folder or train into another one"
+            )
+        state = _last_checkpoint(run_dir) if resume else None  # the exact point to go on from
+        run = _setup(config if state is None else _stored_config(state, config), run_dir, device)
+        if state is not None:
+            _restore(run, state, last)
+        return _epochs(run, run_dir, device, progress=progress, max_epochs=max_epochs)
 
 
 def _last_checkpoint(run_dir: Path) -> dict[str, Any]:
     last = run_dir / "last.pt"
     if not last.is_file():
-        raise MissingFileError(f"{last}: nothing to resume (no last checkpoint)")
+        raise MissingFileError(
+            f"{last}: nothing to resume (no last checkpoint); --resume auto starts a run where "
+            "there is none"
+        )
     return load_checkpoint(last)
 
 
@@ -614,7 +830,8 @@ def _setup(config: Config, run_dir: Path, device: torch.device) -> Run:
 
 
 def _restore(run: Run, state: Mapping[str, Any], last: Path) -> None:
-    """Weights, optimizer, schedule, epoch and best score from ``last.pt``."""
+    """Weights, optimizer, schedule, epoch, best score and, for a checkpoint taken inside an
+    epoch, how far that epoch got, from ``last.pt``."""
     problem = weights_mismatch(run.model.state_dict(), state["model"])
     if problem is not None:
         raise InputError(f"{last}: cannot resume, its weights do not fit its own config: {problem}")
@@ -624,20 +841,25 @@ def _restore(run: Run, state: Mapping[str, Any], last: Path) -> None:
         run.scheduler.load_state_dict(state["scheduler"])
         if run.scaler is not None and "scaler" in state:
             run.scaler.load_state_dict(state["scaler"])
-    except (KeyError, ValueError, RuntimeError) as err:
+        progress = state.get("progress")
+        run.progress = EpochProgress(**progress) if progress is not None else None
+    except (KeyError, ValueError, RuntimeError, TypeError) as err:
         reason = " ".join(str(err).split())[:200] or type(err).__name__
         raise InputError(
             f"{last}: cannot resume, its optimizer state does not fit the model ({reason})"
         ) from None
     run.start_epoch, run.best = int(state["epoch"]), float(state["best"])
+    run.elapsed = float(state.get("elapsed", 0.0))
     if distributed.current().is_main:
-        log.info("resumed %s at epoch %d", last.parent, run.start_epoch)
+        where = f", step {run.progress.step}" if run.progress is not None else ""
+        log.info("resumed %s at epoch %d%s", last.parent, run.start_epoch, where)
 
 
 def _epochs(
     run: Run, run_dir: Path, device: torch.device, *, progress: bool, max_epochs: int | None
 ) -> dict[str, Any]:
-    """Train, validate and save each epoch; Ctrl-C keeps the weights reached beside last.pt."""
+    """Train, validate and save each epoch. A stop signal saves the step reached as last.pt
+    and raises `Stopped`; Ctrl-C keeps the weights reached beside last.pt."""
     ranks, cfg = distributed.current(), run.config.train
     # DDP copies rank 0's parameters and buffers to every process here
     run.trained = distributed.wrap(run.model) if ranks.world_size > 1 else run.model
@@ -645,23 +867,53 @@ def _epochs(
     bar = _progress_factory(progress and ranks.is_main)
     history: list[dict[str, Any]] = []
     started = time.perf_counter()
+
+    def elapsed() -> float:  # training seconds of the run, earlier calls of fit included
+        return run.elapsed + time.perf_counter() - started
+
     stop = cfg.epochs if max_epochs is None else min(cfg.epochs, run.start_epoch + max_epochs)
     epoch = run.start_epoch
+    signals = StopSignals()
     try:
-        for epoch in range(run.start_epoch, stop):
-            row = _train_epoch(run, epoch, device, bar(f"epoch {epoch + 1}/{cfg.epochs}"), logger)
-            validated = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == stop
-            is_best = run.val_set is None
-            if run.val_set is not None and validated:
-                row.update(_validate(run, device))
-                is_best = row[MAIN_METRIC] > run.best
-                run.best = max(run.best, row[MAIN_METRIC])
-            row["elapsed_s"] = time.perf_counter() - started
-            row["peak_rss_mb"] = round(max_rss_mb(children=True), 1)  # workers included
-            if ranks.is_main:
-                _save(run, run_dir, row, epoch + 1, is_best)
-            logger.epoch(row)
-            history.append(row)
+        with signals:
+            should_stop = functools.partial(_agreed_stop, signals)
+            for epoch in range(run.start_epoch, stop):
+                start, run.progress = run.progress, None
+                try:
+                    row = _train_epoch(
+                        run,
+                        epoch,
+                        device,
+                        bar(f"epoch {epoch + 1}/{cfg.epochs}"),
+                        logger,
+                        start=start,
+                        should_stop=should_stop,
+                    )
+                except EpochStopped as stopped:
+                    if ranks.is_main:
+                        _save(run, run_dir, epoch, elapsed=elapsed(), progress=stopped.progress)
+                    distributed.barrier()
+                    raise _stopped(stopped, run_dir, epoch) from None
+                validated = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == stop
+                is_best = run.val_set is None
+                if run.val_set is not None and validated:
+                    row.update(_validate(run, device))
+                    is_best = row[MAIN_METRIC] > run.best
+                    run.best = max(run.best, row[MAIN_METRIC])
+                row["elapsed_s"] = elapsed()
+                row["peak_rss_mb"] = round(max_rss_mb(children=True), 1)  # workers included
+                if ranks.is_main:
+                    _save(run, run_dir, epoch + 1, elapsed=row["elapsed_s"], row=row, best=is_best)
+                logger.epoch(row)
+                history.append(row)
+                reason = should_stop() if epoch + 1 < stop else None
+                if reason:  # a signal during validation or the save: last.pt is the epoch's
+                    distributed.barrier()
+                    raise Stopped(
+                        f"stopped by {reason} after epoch {epoch + 1}; {run_dir / 'last.pt'} "
+                        "holds it: the same command with --resume continues from there",
+                        exit_status=PREEMPTED_EXIT,
+                    )
     except KeyboardInterrupt:
         if not ranks.is_main:
             raise
@@ -689,18 +941,48 @@ def _epochs(
     return {"run_dir": str(run_dir), "epochs": stop, "best": run.best, "history": history}
 
 
+def _agreed_stop(signals: StopSignals) -> str | None:
+    """The signal this process got, if any; under DDP a collective, so that every process
+    stops at the same step when any one got a signal."""
+    reason = signals.received
+    if distributed.current().world_size > 1:
+        if distributed.all_sum([reason is not None])[0] > 0:
+            return reason or "a signal to another process"
+        return None
+    return reason
+
+
+def _stopped(stopped: EpochStopped, run_dir: Path, epoch: int) -> Stopped:
+    """The error for an epoch stopped between two steps, its checkpoint written."""
+    where = (
+        f"{run_dir / 'last.pt'} holds epoch {epoch + 1} after step {stopped.progress.step}: "
+        "the same command with --resume continues from there"
+    )
+    if stopped.by_signal:
+        return Stopped(f"stopped by {stopped}; {where}", exit_status=PREEMPTED_EXIT)
+    return Stopped(f"{stopped}; {where}", exit_status=1)
+
+
 def _train_epoch(
     run: Run,
     epoch: int,
     device: torch.device,
     progress: Callable[[Iterable], Iterable] | None,
     logger: RunLogger,
+    *,
+    start: EpochProgress | None = None,
+    should_stop: Callable[[], str | None] | None = None,
 ) -> dict[str, Any]:
-    """One epoch of training; its row of metrics.csv so far."""
+    """One epoch of training (from ``start`` on, if it had begun); its row of metrics.csv
+    so far."""
     ranks, cfg = distributed.current(), run.config.train
-    generator = _seed_epoch(cfg.seed, epoch, ranks.rank)
     loader = make_train_loader(
-        run.train_set, run.config, epoch=epoch, rank=ranks.rank, world_size=ranks.world_size
+        run.train_set,
+        run.config,
+        epoch=epoch,
+        rank=ranks.rank,
+        world_size=ranks.world_size,
+        start_step=start.step if start is not None else 0,
     )
     metrics = train_one_epoch(
         run.trained,
@@ -709,7 +991,9 @@ def _train_epoch(
         run.scheduler,
         cfg,
         device=device,
-        generator=generator,
+        epoch=epoch,
+        start=start,
+        should_stop=should_stop,
         scaler=run.scaler,
         progress=progress,
         on_step=lambda step, stats: logger.step(step, stats) if step % cfg.log_every == 0 else None,
@@ -744,9 +1028,23 @@ def _validate(run: Run, device: torch.device) -> dict[str, Any]:
     }
 
 
-def _save(run: Run, run_dir: Path, row: Mapping[str, Any], epoch: int, is_best: bool) -> None:
-    """last.pt (the resume point) and, when validation improved, best.pt; atomically."""
-    extra = {"epoch": epoch, "best": run.best, "metrics": json.dumps(row)}
+def _save(
+    run: Run,
+    run_dir: Path,
+    epoch: int,
+    *,
+    elapsed: float,
+    row: Mapping[str, Any] | None = None,
+    best: bool = False,
+    progress: EpochProgress | None = None,
+) -> None:
+    """last.pt (the resume point: ``epoch`` epochs done, and ``progress`` into the next) and,
+    when validation improved, best.pt; atomically."""
+    extra: dict[str, Any] = {"epoch": epoch, "best": run.best, "elapsed": elapsed}
+    if row is not None:
+        extra["metrics"] = json.dumps(row)
+    if progress is not None:
+        extra["progress"] = dataclasses.asdict(progress)
     save_checkpoint(
         run_dir / "last.pt",
         run.model,
@@ -756,9 +1054,10 @@ def _save(run: Run, run_dir: Path, row: Mapping[str, Any], epoch: int, is_best: 
         **({"scaler": run.scaler.state_dict()} if run.scaler else {}),
         **extra,
     )
-    if is_best:
+    if best:
         save_checkpoint(run_dir / "best.pt", run.model, run.config, **extra)
-    log.info("epoch %d: %s", epoch, _summary(row))
+    if row is not None:
+        log.info("epoch %d: %s", epoch, _summary(row))
 
 
 def _summary(row: Mapping[str, Any]) -> str:

@@ -457,6 +457,11 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         return {"patches": self.open(i), "targets": self.targets(i), "index": i}
 
+    def describe(self, i: int) -> str:
+        """Image i for a message: its row and file."""
+        row = self.rows[i]
+        return f"{row.where}: {row.path}" if row.where else str(row.path)
+
     def targets(self, i: int) -> dict[str, torch.Tensor]:
         """The targets of image i (see the class docstring)."""
         return {name: value.clone() for name, value in self._targets[i].items()}
