@@ -30,6 +30,20 @@ class CrossAttention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, n, D_k)
 
+    def logits(self, queries: Tensor, x: Tensor) -> Tensor:
+        """Attention logits before the softmax; each patch's depend on that patch alone.
+
+        Args:
+            queries: (B, T, D).
+            x: (B, N, D) patch embeddings.
+
+        Returns:
+            (B, H, T, N).
+        """
+        q = self._split(self.q_proj(queries))  # (B, H, T, D_k)
+        k = self._split(self.k_proj(x))  # (B, H, N, D_k)
+        return q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, H, T, N)
+
     def weights(self, queries: Tensor, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Attention weights, softmax over the patches.
 
@@ -41,12 +55,7 @@ class CrossAttention(nn.Module):
         Returns:
             (B, H, T, N).
         """
-        q = self._split(self.q_proj(queries))  # (B, H, T, D_k)
-        k = self._split(self.k_proj(x))  # (B, H, N, D_k)
-        logits = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, H, T, N)
-        if mask is not None:
-            logits = logits.masked_fill(~mask[:, None, None, :], torch.finfo(logits.dtype).min)
-        return logits.softmax(dim=-1)
+        return masked_softmax(self.logits(queries, x), mask)
 
     def forward(
         self, queries: Tensor, x: Tensor, mask: Tensor | None = None
@@ -92,6 +101,20 @@ class CrossAttentionPool(nn.Module):
     def _queries(self, batch: int) -> Tensor:
         return self.queries.unsqueeze(0).expand(batch, -1, -1)  # (B, T, D)
 
+    def logits(self, x: Tensor) -> Tensor:
+        """Selection logits of every patch, in float32: what ``scores`` takes the softmax of.
+
+        Args:
+            x: (B, N, D) embeddings (positional encoding already added).
+
+        Returns:
+            (B, H, T, N).
+        """
+        # in float32 even under autocast: reduced precision makes near-equal scores tie, and
+        # ties among many candidates turn the top-M choice into a lottery
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.attn.logits(self._queries(x.shape[0]).float(), x.float())
+
     def scores(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Selection score of every patch: attention averaged over heads, then queries.
 
@@ -102,11 +125,7 @@ class CrossAttentionPool(nn.Module):
         Returns:
             (B, N); padded patches score 0.
         """
-        # in float32 even under autocast: reduced precision makes near-equal scores tie, and
-        # ties among many candidates turn the top-M choice into a lottery
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            weights = self.attn.weights(self._queries(x.shape[0]).float(), x.float(), mask)
-        return weights.mean(dim=1).mean(dim=1)  # (B, H, T, N) -> (B, N)
+        return selection_scores(self.logits(x), mask)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Pool.
@@ -123,6 +142,29 @@ class CrossAttentionPool(nn.Module):
         h = self.norm1(queries + self.dropout(attended))
         h = self.norm2(h + self.dropout(self.mlp(h)))
         return h, weights
+
+
+def masked_softmax(logits: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Softmax over the patches of logits (B, H, T, N); where mask (B, N) is False the
+    weight is exactly 0."""
+    if mask is not None:
+        logits = logits.masked_fill(~mask[:, None, None, :], torch.finfo(logits.dtype).min)
+    return logits.softmax(dim=-1)
+
+
+def selection_scores(logits: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Selection score of a set of patches from their logits: the softmax over the set,
+    averaged over heads, then over queries.
+
+    Args:
+        logits: (B, H, T, N) selection logits (``CrossAttentionPool.logits``); a patch's do not
+            depend on the other patches, so they can be computed once and concatenated.
+        mask: (B, N), True for real patches.
+
+    Returns:
+        (B, N); padded patches score 0.
+    """
+    return masked_softmax(logits, mask).mean(dim=1).mean(dim=1)  # (B, H, T, N) -> (B, N)
 
 
 def _frequencies(dim: int, device: torch.device) -> Tensor:
@@ -180,6 +222,8 @@ __all__ = [
     "CrossAttention",
     "CrossAttentionPool",
     "masked_mean_entropy",
+    "masked_softmax",
+    "selection_scores",
     "sinusoidal_1d",
     "sinusoidal_2d",
 ]

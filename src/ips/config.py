@@ -363,6 +363,7 @@ class TrainConfig:
     deterministic: bool = False  # deterministic algorithms only (bit-identical CPU repeats)
     accumulate: int = 1  # micro-steps per optimizer step (B / accumulate images each)
     sync_batchnorm: bool = False  # BatchNorm statistics over all processes (CUDA, several)
+    activation_checkpointing: bool = False  # recompute encoder activations; no-op: frozen, features
 
     def __post_init__(self) -> None:
         _positive(self, "train", "epochs", "batch_size", "eval_every", "log_every", "accumulate")

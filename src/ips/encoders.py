@@ -8,15 +8,18 @@ Builders are registered by name and take only architecture arguments::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ips.config import ModelConfig
 from ips.errors import InputError, MissingExtraError, MissingFileError
@@ -145,6 +148,47 @@ def _rgb(name: str, in_channels: int) -> None:
         )
 
 
+def checkpoint_stages(stages: Sequence[nn.Module], x: Tensor) -> Tensor:
+    """``x`` through each stage in turn, keeping for backward only each stage's input (while
+    gradients are on): its inner activations are recomputed there, one stage at a time.
+
+    The recomputation sees the forward's random state (dropout) and leaves every buffer as
+    the forward left it: BatchNorm in train mode would otherwise update its running
+    statistics and count a second time.
+    """
+    for stage in stages:
+        if not torch.is_grad_enabled():  # selection, evaluation: nothing is kept anyway
+            x = stage(x)
+            continue
+        x = checkpoint(
+            stage,
+            x,
+            use_reentrant=False,
+            preserve_rng_state=True,
+            context_fn=functools.partial(_recompute_contexts, stage),
+        )
+    return x
+
+
+def _recompute_contexts(
+    module: nn.Module,
+) -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]:
+    """checkpoint's (forward, recomputation) contexts: the recomputation restores the buffers."""
+    return contextlib.nullcontext(), _buffers_kept(module)
+
+
+@contextlib.contextmanager
+def _buffers_kept(module: nn.Module) -> Iterator[None]:
+    """Restore ``module``'s buffers on exit, also when checkpoint stops recomputing early."""
+    saved = [(buffer, buffer.clone()) for buffer in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
 class ResNetTrunk(nn.Module):
     """The first stages of a torchvision ResNet, global average pooling, optional projection.
 
@@ -159,9 +203,16 @@ class ResNetTrunk(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.proj = nn.Linear(out_width, embed_dim) if out_width != embed_dim else nn.Identity()
         self.out_dim = embed_dim
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the stem's and each stage's activations in backward (`checkpoint_stages`)."""
+        self.grad_checkpointing = enable
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(n, C, P, P) -> (n, width, h, w) feature maps."""
+        if self.grad_checkpointing:
+            return checkpoint_stages([self.stem, *self.stages], x)
         return self.stages(self.stem(x))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -185,6 +236,7 @@ class SmallConvNet(nn.Module):
     def __init__(self, *, in_channels: int, embed_dim: int):
         super().__init__()
         layers: list[nn.Module] = []
+        ends = []  # where each stage ends in `body` (one flat Sequential: stable weight names)
         width_in = in_channels
         for stage, width in enumerate(self.widths):
             layers += [
@@ -194,15 +246,26 @@ class SmallConvNet(nn.Module):
             ]
             if stage < len(self.widths) - 1:
                 layers.append(nn.MaxPool2d(2))
+            ends.append(len(layers))
             width_in = width
         self.body = nn.Sequential(*layers)
+        self.stage_ends = tuple(ends)
+        self.grad_checkpointing = False
         self.pool = nn.AdaptiveAvgPool2d(1)
         out_width = self.widths[-1]
         self.proj = nn.Linear(out_width, embed_dim) if out_width != embed_dim else nn.Identity()
         self.out_dim = embed_dim
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each stage's activations in backward (`checkpoint_stages`)."""
+        self.grad_checkpointing = enable
+
     def forward_features(self, x: Tensor) -> Tensor:
         """(n, C, P, P) -> (n, 128, P / 8, P / 8) feature maps."""
+        if self.grad_checkpointing:
+            starts = (0, *self.stage_ends[:-1])
+            stages = [self.body[a:b] for a, b in zip(starts, self.stage_ends, strict=True)]
+            return checkpoint_stages(stages, x)
         return self.body(x)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -415,6 +478,33 @@ class TimmEncoder(nn.Module):
         dim = embed_dim or self.width
         self.proj = nn.Linear(self.width, dim) if dim != self.width else nn.Identity()
         self.out_dim = dim
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's own checkpointing of the trunk's blocks (non-reentrant, dropout replayed).
+
+        Raises:
+            InputError: the trunk has BatchNorm with running statistics (timm's recomputation
+                would update them twice) or timm cannot checkpoint it.
+        """
+        batch_norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+        if enable and any(
+            isinstance(m, batch_norms) and m.track_running_stats for m in self.trunk.modules()
+        ):
+            raise InputError(
+                f"train.activation_checkpointing: the timm model {self.preset.arch} has "
+                "BatchNorm, whose running statistics timm's recomputation would update twice; "
+                "set it to false"
+            )
+        setter = getattr(self.trunk, "set_grad_checkpointing", None)
+        try:
+            if setter is None:
+                raise NotImplementedError("no set_grad_checkpointing")
+            setter(enable)
+        except (AssertionError, NotImplementedError) as err:  # timm: assert not enable, ...
+            raise InputError(
+                f"train.activation_checkpointing: timm cannot checkpoint {self.preset.arch} "
+                f"({' '.join(str(err).split())[:120] or type(err).__name__}); set it to false"
+            ) from None
 
     def prepare(self, x: Tensor) -> Tensor:
         """(n, 3, P, P) -> (n, 3, S, S) at the model's input side S (the preset's rule)."""
@@ -684,6 +774,9 @@ class ConchTower(nn.Module):
         self.ln_contrast = nn.LayerNorm(d_model)
         self.num_features = d_model
         self.num_prefix_tokens = trunk.num_prefix_tokens
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.trunk.set_grad_checkpointing(enable)
 
     def forward(self, x: Tensor) -> Tensor:
         tokens = self.trunk.forward_features(x)  # (n, 1 + patches, 1024)

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ips.aggregation import CrossAttentionPool, sinusoidal_1d, sinusoidal_2d
+from ips.aggregation import CrossAttentionPool, selection_scores, sinusoidal_1d, sinusoidal_2d
 from ips.config import (
     Config,
     ModelConfig,
@@ -39,6 +39,7 @@ from ips.errors import InputError, MissingFileError
 from ips.files import atomic_write
 from ips.heads import TaskHeads
 from ips.selection import (
+    AttentionScore,
     Observer,
     PatchStore,
     Selection,
@@ -123,6 +124,28 @@ class IPSModel(nn.Module):
         proj = getattr(self.encoder, "proj", None)
         if isinstance(proj, nn.Module):
             proj.requires_grad_(True)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the encoder's activations in backward instead of keeping them
+        (``train.activation_checkpointing``): the gradient pass then keeps, for its B x K
+        patches, only the input of each encoder stage. Gradients, losses and BatchNorm
+        statistics stay those without it (see `ips.encoders.checkpoint_stages`).
+
+        A no-op for a frozen trunk (no activations are kept for it) and for the features
+        encoder (one projection, whose activations are about the size of its input).
+
+        Raises:
+            InputError: the encoder cannot be checkpointed.
+        """
+        if self.is_features or self.model_config.freeze_encoder:
+            return
+        setter = getattr(self.encoder, "set_grad_checkpointing", None)
+        if setter is None:
+            raise InputError(
+                f"train.activation_checkpointing: encoder {self.model_config.encoder!r} has no "
+                "set_grad_checkpointing; set it to false"
+            )
+        setter(enable)
 
     def train(self, mode: bool = True) -> IPSModel:
         """Set train or eval mode; a frozen encoder stays in eval mode (its BatchNorm
@@ -225,16 +248,17 @@ class IPSModel(nn.Module):
         patches, mask = self._place(patches, mask, device, sel.loading == "eager")
 
         def run(images: Tensor | Sequence[Any], image_mask: Tensor | None) -> Selection:
-            def score(emb: Tensor, ids: Tensor, valid: Tensor) -> Tensor:
+            def logits(emb: Tensor, ids: Tensor) -> Tensor:
                 # positions of `images`: one image at a time in eager_sequential mode
                 pos = self.positional(ids, self._positions(ids, grid_shape, images))
                 # added in float32: rounded to bf16 it shifts scores by ~0.2 % of their spread
-                return self.pool.scores(emb if pos is None else emb.float() + pos, valid)
+                return self.pool.logits(emb if pos is None else emb.float() + pos)
 
             return select_patches(
                 images,
                 encode=self.embed,
-                score=score,
+                # each patch's logits are computed once, when it is encoded
+                score=AttentionScore(logits, combine=selection_scores),
                 memory_size=sel.memory_size,
                 chunk_size=sel.chunk_size,
                 mask=image_mask,

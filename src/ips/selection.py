@@ -1,6 +1,7 @@
 """Iterative patch selection: keep the M best-scoring of N patches, streaming chunks of I.
 
-Letters: B images, N patches per image, M memory size, I chunk size, D embedding width.
+Letters: B images, N patches per image, M memory size, I chunk size, D embedding width,
+H heads, T query tokens.
 
 Patches can live anywhere that can be indexed: a tensor (B, N, ...) on any device, or a
 sequence of B per-image containers (tensors, numpy arrays, or lazy sources with ``read(ids)``)
@@ -11,6 +12,7 @@ read and moved to the encoder's device, so memory depends on M and I, not on N.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
@@ -24,6 +26,29 @@ from ips.errors import InputError
 
 Score = Callable[[Tensor, Tensor, Tensor], Tensor]  # emb (B, K, D), ids, valid (B, K) -> (B, K)
 Observer = Callable[[Tensor, Tensor, Tensor], None]  # ids, scores, valid (B, K)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionScore:
+    """A score that is a softmax over the candidates of logits each patch has on its own.
+
+    Given one, ``select_patches`` computes a patch's logits once, when it is encoded, and
+    scores every candidate set from the logits its members carry: the M patches in memory
+    are not scored from their embeddings again at each of the N / I chunks. Called like a
+    plain ``Score``, it gives the same scores.
+
+    Args:
+        logits: maps embeddings (B, k, D) and original ids (B, k) to logits (B, H, T, k).
+        combine: maps the logits (B, H, T, K) of a candidate set and its validity (B, K) to
+            scores (B, K).
+    """
+
+    logits: Callable[[Tensor, Tensor], Tensor]
+    combine: Callable[[Tensor, Tensor], Tensor]
+
+    def __call__(self, emb: Tensor, ids: Tensor, valid: Tensor) -> Tensor:
+        """(B, K) scores of the candidates emb (B, K, D) with ids and validity (B, K)."""
+        return self.combine(self.logits(emb, ids), valid)
 
 
 class Selection(NamedTuple):
@@ -190,7 +215,8 @@ def select_patches(
         patches: a tensor (B, N, ...) on any device, or a sequence of B per-image containers.
         encode: maps (n, ...) patches on ``device`` to (n, D) embeddings.
         score: maps candidate embeddings (B, K, D), their original ids (B, K) and validity
-            (B, K) to scores (B, K); higher is kept.
+            (B, K) to scores (B, K); higher is kept. An ``AttentionScore`` is asked for each
+            patch's logits once, when it is encoded.
         memory_size: M.
         chunk_size: I.
         mask: (B, N), True for real patches of a padded tensor.
@@ -221,18 +247,22 @@ def select_patches(
     device = torch.device(device)
     M, I = memory_size, chunk_size
 
-    def embed(raw: Tensor, valid: Tensor) -> Tensor:
+    def embed(raw: Tensor, ids: Tensor, valid: Tensor, keys: Tensor | None) -> Candidates:
         raw = to_device(raw, device)
-        return embed_valid(encode, raw, valid, batch_size=encoder_batch_size, dedup=dedup)
+        emb = embed_valid(encode, raw, valid, batch_size=encoder_batch_size, dedup=dedup)
+        if not isinstance(score, AttentionScore):
+            return Candidates(emb, ids, valid, keys)
+        # keep only the logits: a patch's are the same in every candidate set it joins
+        return Candidates(None, ids, valid, keys, score.logits(emb, ids.to(device)))
 
     def rank(candidates: Candidates, *, distinct: bool = distinct) -> Tensor:
         return score_candidates(score, candidates, device, observe=observe, distinct=distinct)
 
     order = visiting_order(store, shuffle=shuffle, generator=generator)  # (B, N)
     with ChunkStream(store, order, M, I, embed=embed, keys=distinct, device=device) as stream:
-        memory, memory_scores = stream.memory(), None  # the first M patches, (B, M, D)
-        for chunk in stream:  # each next I patches, encoded: (B, I, D)
-            candidates = memory.cat(chunk)  # (B, M + I, D)
+        memory, memory_scores = stream.memory(), None  # the first M patches, (B, M, ...)
+        for chunk in stream:  # each next I patches, encoded: (B, I, ...)
+            candidates = memory.cat(chunk)  # (B, M + I, ...)
             scores = rank(candidates)  # (B, M + I); -inf for padding and dropped copies
             memory_scores, keep = scores.topk(M, dim=1)  # (B, M)
             memory = candidates.take(keep, finite=memory_scores.isfinite())
@@ -242,38 +272,47 @@ def select_patches(
 
 
 class Candidates(NamedTuple):
-    """Patches competing for the memory: embeddings and what travels with them.
+    """Patches competing for the memory: what they are scored from and what travels with them.
 
-    emb: (B, K, D) on the encoder's device. ids: (B, K) original patch indices. valid: (B, K)
-    True for real patches. keys: (B, K) content keys (``distinct``), else None.
+    emb: (B, K, D) on the encoder's device, for a plain score; None with an AttentionScore.
+    ids: (B, K) original patch indices. valid: (B, K) True for real patches. keys: (B, K)
+    content keys (``distinct``), else None. logits: (B, H, T, K) on the encoder's device,
+    for an AttentionScore; else None.
     """
 
-    emb: Tensor
+    emb: Tensor | None
     ids: Tensor
     valid: Tensor
     keys: Tensor | None
+    logits: Tensor | None = None
 
     def cat(self, other: Candidates) -> Candidates:
         """This set and ``other`` side by side: (B, K + K', ...)."""
-        keys = None
-        if self.keys is not None and other.keys is not None:
-            keys = torch.cat([self.keys, other.keys], dim=1)
         return Candidates(
-            torch.cat([self.emb, other.emb], dim=1),
+            _cat(self.emb, other.emb, dim=1),
             torch.cat([self.ids, other.ids], dim=1),
             torch.cat([self.valid, other.valid], dim=1),
-            keys,
+            _cat(self.keys, other.keys, dim=1),
+            _cat(self.logits, other.logits, dim=-1),
         )
 
     def take(self, keep: Tensor, finite: Tensor) -> Candidates:
         """The candidates at ``keep`` (B, M); those whose score was not ``finite`` (padding,
         dropped copies) become invalid."""
-        emb = self.emb.gather(1, keep[..., None].expand(-1, -1, self.emb.shape[-1]))
+        emb = logits = None
+        if self.emb is not None:
+            emb = self.emb.gather(1, keep[..., None].expand(-1, -1, self.emb.shape[-1]))
+        if self.logits is not None:
+            index = keep[:, None, None, :].expand(*self.logits.shape[:-1], -1)  # (B, H, T, M)
+            logits = self.logits.gather(-1, index)
         keep = keep.cpu()
         keys = None if self.keys is None else self.keys.gather(1, keep)
-        return Candidates(
-            emb, self.ids.gather(1, keep), self.valid.gather(1, keep) & finite.cpu(), keys
-        )
+        valid = self.valid.gather(1, keep) & finite.cpu()
+        return Candidates(emb, self.ids.gather(1, keep), valid, keys, logits)
+
+
+def _cat(a: Tensor | None, b: Tensor | None, dim: int) -> Tensor | None:
+    return None if a is None or b is None else torch.cat([a, b], dim=dim)
 
 
 def visiting_order(
@@ -297,7 +336,13 @@ def score_candidates(
     """(B, K) float scores of a candidate set: -inf for padding, reported to ``observe``;
     with ``distinct`` every copy of a patch after its first also gets -inf."""
     valid = candidates.valid.to(device)
-    scores = score(candidates.emb, candidates.ids.to(device), valid).float()
+    if isinstance(score, AttentionScore) and candidates.logits is not None:
+        scores = score.combine(candidates.logits, valid)  # the logits each patch carries
+    elif candidates.emb is not None:
+        scores = score(candidates.emb, candidates.ids.to(device), valid)
+    else:
+        raise TypeError("candidates carry logits, which only an AttentionScore can combine")
+    scores = scores.float()
     scores = scores.masked_fill(~valid, float("-inf"))
     if observe is not None:
         observe(candidates.ids, scores.cpu(), candidates.valid)
@@ -326,7 +371,8 @@ class ChunkStream:
         store: the batch's patches.
         order: (B, N) the visiting order.
         memory_size, chunk_size: M and I.
-        embed: ``embed(raw, valid) -> (B, k, D)``.
+        embed: ``embed(raw, ids, valid, keys) -> Candidates``: encodes the raw patches
+            (n_valid, ...) of ids and validity (B, k).
         keys: also compute content keys (for ``distinct``).
         device: where encoding happens (patches already there are not prefetched).
     """
@@ -338,7 +384,7 @@ class ChunkStream:
         memory_size: int,
         chunk_size: int,
         *,
-        embed: Callable[[Tensor, Tensor], Tensor],
+        embed: Callable[[Tensor, Tensor, Tensor, Tensor | None], Candidates],
         keys: bool,
         device: torch.device,
     ):
@@ -364,7 +410,7 @@ class ChunkStream:
         ids = self.order[:, : self.M]  # (B, M)
         raw, valid, keys = self._load(ids)
         self._pending = self._fetch(0) if self.starts else None
-        return Candidates(self.embed(raw, valid), ids, valid, keys)
+        return self.embed(raw, ids, valid, keys)
 
     def __iter__(self) -> Iterator[Candidates]:
         early = self.pool is not None and self.I <= self.M  # M + I raw patches at most
@@ -372,11 +418,11 @@ class ChunkStream:
             raw, valid, keys = self._result(self._pending)
             more = i + 1 < len(self.starts)
             self._pending = self._fetch(i + 1) if early and more else None
-            emb = self.embed(raw, valid)  # (B, I, D)
+            chunk = self.embed(raw, self._chunk_ids(i), valid, keys)  # (B, I, ...)
             del raw
             if more and not early:
                 self._pending = self._fetch(i + 1)
-            yield Candidates(emb, self._chunk_ids(i), valid, keys)
+            yield chunk
 
     def _chunk_ids(self, i: int) -> Tensor:
         start = self.starts[i]

@@ -811,6 +811,7 @@ def _setup(config: Config, run_dir: Path, device: torch.device) -> Run:
         augment = build_augment(config.data.augment, channels=config.model.in_channels)
     torch.manual_seed(cfg.seed)
     model = IPSModel(config.model, config.selection).to(device)
+    model.set_grad_checkpointing(cfg.activation_checkpointing)
     if cfg.sync_batchnorm and ranks.world_size > 1:  # same parameters and buffers, synced
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)  # optimizer steps

@@ -1,0 +1,200 @@
+"""Selection from logits computed once per patch equals re-scoring every candidate set."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+import ips
+from conftest import random_patches
+from ips.aggregation import CrossAttentionPool, selection_scores
+from ips.dedup import content_keys, duplicates
+from ips.selection import AttentionScore, embed_valid, eval_mode, select_patches
+
+M, I, GRID = 7, 5, (5, 9)  # N = 45: the N - M = 38 patches after the memory end in a short chunk
+TASKS = {  # three tasks: T = 3 queries
+    "digit": {"kind": "multiclass", "num_classes": 3},
+    "tumour": {"kind": "binary"},
+    "labels": {"kind": "multilabel", "num_classes": 4},
+}
+
+
+def _model(kind: str, **kw) -> ips.IPSModel:
+    torch.manual_seed(0)
+    if kind == "features":
+        arch = dict(encoder="features", feature_dim=16, embed_dim=32, num_heads=4, head_dim=8)
+    else:  # small pixel patches through the default convolutional trunk
+        arch = dict(in_channels=1, patch_size=8, embed_dim=16, num_heads=2, head_dim=8)
+    settings = dict(mlp_dim=16, dropout=0.0, tasks=TASKS, memory_size=M, chunk_size=I)
+    # queries of unit scale, so that scores differ clearly between patches
+    return ips.create_model(**arch, **settings, query_std=1.0, **kw)
+
+
+def _patches(kind: str, n: int) -> Tensor:
+    """(3, n, ...) patches where every third one is a copy of the first."""
+    if kind == "features":
+        x = torch.randn(3, n, 16, generator=torch.Generator().manual_seed(n))
+    else:
+        x = random_patches(3, n, seed=n)
+    x[:, ::3] = x[:, :1]
+    return x
+
+
+def _rescoring_reference(model, patches, mask, order, grid_shape):
+    """Selection as it was specified first: every chunk re-scores the whole candidate set
+    (memory + chunk) from embeddings with ``model.pool.scores``.
+
+    Returns:
+        ids, scores, mask (B, K) best first, and the observed (ids, scores, valid) sets.
+    """
+    sel = model.selection_config
+    B, N = patches.shape[:2]
+    real = torch.ones(B, N, dtype=torch.bool) if mask is None else mask
+    batch = model._encoder_batch_size(torch.device("cpu"))
+    observed = []
+
+    def encode(ids):  # (B, k) -> emb (B, k, D), ids, valid, keys (B, k)
+        valid = real.gather(1, ids)
+        raw = patches[torch.arange(B)[:, None].expand_as(ids)[valid], ids[valid]]
+        emb = embed_valid(model.embed, raw, valid, batch_size=batch, dedup=sel.dedup)
+        return [emb, ids, valid, content_keys(raw, valid)]
+
+    def score(emb, ids, valid, keys, distinct):
+        pos = model.positional(ids, model._positions(ids, grid_shape, patches))
+        s = model.pool.scores(emb if pos is None else emb.float() + pos, valid).float()
+        s = s.masked_fill(~valid, float("-inf"))
+        observed.append((ids, s, valid))
+        return s.masked_fill(duplicates(keys, valid), float("-inf")) if distinct else s
+
+    with torch.inference_mode(), eval_mode(model):
+        memory, memory_scores = encode(order[:, : sel.memory_size]), None
+        for start in range(min(sel.memory_size, N), N, sel.chunk_size):
+            chunk = encode(order[:, start : start + sel.chunk_size])
+            candidates = [torch.cat(pair, dim=1) for pair in zip(memory, chunk, strict=True)]
+            memory_scores, keep = score(*candidates, sel.distinct).topk(sel.memory_size, dim=1)
+            emb, ids, valid, keys = candidates
+            memory = [
+                emb.gather(1, keep[..., None].expand(-1, -1, emb.shape[-1])),
+                ids.gather(1, keep),
+                valid.gather(1, keep) & memory_scores.isfinite(),
+                keys.gather(1, keep),
+            ]
+        if memory_scores is None:
+            memory_scores = score(*memory, False)
+        scores, rank = memory_scores.sort(dim=1, descending=True)
+        ids, valid = memory[1].gather(1, rank), memory[2].gather(1, rank)
+    return ids, scores.masked_fill(~valid, 0.0), valid, observed
+
+
+def _assert_same_observed(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert all(torch.equal(s, t) for s, t in zip(x, y, strict=True))
+
+
+FEATURE_CASES = [
+    ("features", pos_enc, distinct, padding)
+    for pos_enc in ("none", "1d", "2d")
+    for distinct in (False, True)
+    for padding in ("none", "mask", "list")
+]
+PIXEL_CASES = [  # the scoring side is covered above; a convolutional trunk costs seconds
+    ("pixels", "2d", True, "mask"),
+    ("pixels", "1d", False, "list"),
+    ("pixels", "none", True, "none"),
+]
+
+
+@pytest.mark.parametrize(("kind", "pos_enc", "distinct", "padding"), FEATURE_CASES + PIXEL_CASES)
+def test_cached_logits_select_exactly_what_rescoring_every_chunk_selects(
+    kind, pos_enc, distinct, padding
+):
+    model = _model(kind, pos_enc=pos_enc, distinct=distinct)
+    patches, mask = _patches(kind, 45), None
+    if padding != "none":  # bags of 45, 29 and 3 (< M) patches
+        mask = torch.arange(45) < torch.tensor([45, 29, 3])[:, None]
+    bags = [p[m] for p, m in zip(patches, mask, strict=True)] if padding == "list" else None
+    seen: list = []
+    got = model.select(
+        bags if bags is not None else patches,
+        None if bags is not None else mask,
+        grid_shape=GRID,
+        generator=torch.Generator().manual_seed(4),
+        observe=lambda *record: seen.append(record),
+    )
+    order = torch.randperm(45, generator=torch.Generator().manual_seed(4)).expand(3, -1)
+    ids, scores, valid, observed = _rescoring_reference(model, patches, mask, order, GRID)
+    # exact, not close: on the CPU a row of a float32 matmul comes out the same bits whichever
+    # rows share the call, so logits computed per chunk equal those of the whole set
+    assert torch.equal(got.ids, ids)
+    assert torch.equal(got.mask, valid)
+    assert torch.equal(got.scores, scores)
+    _assert_same_observed(seen, observed)
+    if distinct:  # the copies were in play: at most one of them is kept per image
+        copy = got.ids % 3 == 0
+        assert bool(((copy & got.mask).sum(1) <= 1).all())
+
+
+@pytest.mark.parametrize("n", [3, 7, 45])  # N < M, N = M (no chunk) and several chunks
+@pytest.mark.parametrize("kind", ["features", "pixels"])
+def test_cached_logits_select_exactly_what_rescoring_selects_without_a_full_chunk(kind, n):
+    model = _model(kind, pos_enc="1d", distinct=True)
+    patches = _patches(kind, n)
+    got = model.select(patches, generator=torch.Generator().manual_seed(2))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(2)).expand(3, -1)
+    ids, scores, valid, _ = _rescoring_reference(model, patches, None, order, None)
+    assert torch.equal(got.ids, ids) and torch.equal(got.mask, valid)
+    assert torch.equal(got.scores, scores)
+
+
+def test_cached_logits_select_exactly_what_rescoring_selects_under_bf16_autocast():
+    # the encoder runs in bf16; logits and their softmax stay in float32 on both paths
+    model = _model("features", pos_enc="1d", distinct=False)
+    patches = _patches("features", 45)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model.select(patches, generator=torch.Generator().manual_seed(5))
+        order = torch.randperm(45, generator=torch.Generator().manual_seed(5)).expand(3, -1)
+        ids, scores, valid, _ = _rescoring_reference(model, patches, None, order, None)
+    assert torch.equal(got.ids, ids) and torch.equal(got.mask, valid)
+    assert torch.equal(got.scores, scores)
+
+
+def _pool_score(pool: CrossAttentionPool, calls: list[int]) -> AttentionScore:
+    def logits(emb: Tensor, ids: Tensor) -> Tensor:
+        calls.append(emb.shape[1])
+        return pool.logits(emb)
+
+    return AttentionScore(logits, combine=selection_scores)
+
+
+def test_every_patch_gets_its_logits_once_and_a_plain_call_gives_the_same_selection():
+    torch.manual_seed(0)
+    encoder = torch.nn.Linear(16, 32)
+    pool = CrossAttentionPool(embed_dim=32, num_heads=4, head_dim=8, mlp_dim=16, num_queries=3)
+    features = torch.randn(2, 53, 16)
+    cached_calls: list[int] = []
+    plain_calls: list[int] = []
+    cached = _pool_score(pool, cached_calls)
+    plain = _pool_score(pool, plain_calls)
+    results, seen = [], []
+    for score in (cached, lambda emb, ids, valid: plain(emb, ids, valid)):
+        records: list = []
+        with torch.no_grad():
+            results.append(
+                select_patches(
+                    features,
+                    encode=encoder,
+                    score=score,
+                    memory_size=6,
+                    chunk_size=4,
+                    generator=torch.Generator().manual_seed(3),
+                    observe=lambda *record, records=records: records.append(record),
+                )
+            )
+        seen.append(records)
+    assert sum(cached_calls) == 53  # the first M, then each chunk: every patch once
+    assert sum(plain_calls) == 11 * (6 + 4) + (6 + 3)  # the memory again at each chunk
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    _assert_same_observed(*seen)
