@@ -5,12 +5,15 @@ from pathlib import Path
 import pytest
 
 from ips.config import (
+    REFERENCE,
     Config,
     apply_overrides,
     config_from_dict,
     config_to_dict,
     load_config,
+    reference_departures,
     replace_fields,
+    resolve_config_path,
 )
 from ips.errors import ConfigError
 
@@ -224,3 +227,25 @@ def test_an_empty_section_takes_the_defaults_and_tasks_are_replaced_by_name(tmp_
     assert load_config(path) == Config()
     config = replace_fields(Config(), tasks={"t": {"kind": "binary"}})
     assert [t.name for t in config.model.tasks] == ["t"]
+
+
+def test_defaults_are_the_measured_values_and_the_paper_configs_pin_the_reference():
+    defaults = Config()
+    assert defaults.model.query_std == 0.02 and defaults.selection.distinct is True
+    assert reference_departures(defaults) == [
+        "model.query_std=0.02 (reference: 1.0)",
+        "selection.distinct=true (reference: false)",
+    ]
+    for name in ("megapixel_mnist", "camelyon16", "traffic_signs"):
+        paper = load_config(resolve_config_path(name))
+        assert paper.model.query_std == REFERENCE["model.query_std"], name
+        assert paper.selection.distinct is REFERENCE["selection.distinct"], name
+        assert reference_departures(paper) == [], name  # the reference recipe, whole
+
+
+def test_reference_departures_follow_the_run_not_the_defaults():
+    config = load_config(None, ["model.query_std=1.0", "train.min_lr_ratio=0.5"])
+    assert reference_departures(config) == [
+        "selection.distinct=true (reference: false)",
+        "train.min_lr_ratio=0.5 (reference: 0.001)",
+    ]

@@ -212,7 +212,9 @@ def test_under_bf16_autocast_positions_score_identical_patches_as_in_float32(tin
     # copies of one patch differ only by their positional encoding; added to the bf16
     # embeddings in bf16 it is rounded (~0.2 % of the score spread here, enough to reorder
     # near-equal scores); added in float32 the spread matches float32 to ~1e-6
-    model = _model(tiny, pos_enc="1d", embed_dim=64, head_dim=32, memory_size=8, chunk_size=24)
+    model = _model(
+        tiny, pos_enc="1d", embed_dim=64, head_dim=32, memory_size=8, chunk_size=24, distinct=False
+    )  # every copy stays in the memory, so every copy is scored in every round
     patches = random_patches(1, 1).expand(1, 100, -1, -1, -1)
 
     def scores(amp: bool) -> list[torch.Tensor]:

@@ -45,6 +45,7 @@ def brightness_model(**selection) -> ips.IPSModel:
         patch_size=PATCH,
         memory_size=selection.get("memory_size", 4),
         chunk_size=selection.get("chunk_size", 8),
+        distinct=selection.get("distinct", False),  # the M kept include copies of black
         tasks={"label": {"kind": "multiclass", "num_classes": 3}},
     )
     model.encoder = Brightness(16)

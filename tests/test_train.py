@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 import socket
@@ -349,3 +350,14 @@ def test_a_training_step_runs_on_cuda_under_auto_precision(tiny):
     )
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
+
+
+def test_a_run_logs_the_settings_unlike_the_reference_code(tiny_mnist, tmp_path, caplog):
+    config = _config(tiny_mnist, "train.epochs=1", "model.query_std=1.0", "train.batch_size=4")
+    with caplog.at_level(logging.INFO, logger="ips.train"):
+        fit(config, tmp_path / "run")
+    lines = [r.getMessage() for r in caplog.records if "unlike the reference" in r.getMessage()]
+    assert lines == [
+        "settings unlike the reference code: selection.distinct=true (reference: false), "
+        "train.batch_size=4 (reference: 16), train.warmup_epochs=0.5 (reference: 10.0)"
+    ]

@@ -175,7 +175,9 @@ class ModelConfig:
     mlp_dim: int = 512  # D_inner: hidden width of the MLP block
     num_queries: int | None = None  # T: learned query tokens; None means one per task
     dropout: float = 0.1  # dropout in the pooling transformer
-    query_std: float = 1.0  # std of the learned queries at initialisation (1.0: reference)
+    query_std: float = 0.02  # std of the learned queries at initialisation. Measured
+    # (benchmarks/defaults.md): the reference's 1.0 makes the query residual dominate the
+    # pooled token (|q| ~ 11 against ~ 0.7 attended), so the heads see a near-constant input
     pos_enc: str = "none"  # "none", "1d" (raster patch index) or "2d" (row, col)
     normalize_mean: tuple[float, ...] | None = None  # per-channel mean for uint8 / 255 input
     normalize_std: tuple[float, ...] | None = None  # per-channel std for uint8 / 255 input
@@ -231,7 +233,10 @@ class SelectionConfig:
     encoder_batch_size: int | None = None  # patches per encoder call; None: 64 on CPUs, else I
     loading: str = "lazy"  # "eager", "eager_sequential" or "lazy" (see ips.model)
     dedup: bool = True  # encode identical patches (e.g. blank background) once per chunk
-    distinct: bool = False  # keep one copy of identical patches in memory (collapse guard)
+    distinct: bool = True  # keep one copy of identical patches in memory. Measured
+    # (benchmarks/defaults.md): a scorer trained from scratch can fill the memory with copies
+    # of blank background and lose the signal for good; no effect where no patch repeats.
+    # The reference lets copies compete (false)
     shuffle: bool = True  # random patch order so that ties do not favour the first patches
 
     def __post_init__(self) -> None:
@@ -415,6 +420,36 @@ class Config:
                     f"data.balance: task {balance!r} is multilabel; balancing needs one class "
                     "per image (a binary or multiclass task)"
                 )
+
+
+# The reference code's values of the settings it fixes for every dataset: the training recipe,
+# and the method's own settings where our default is another, measured value (see the default's
+# comment and benchmarks/defaults.md). `ips train` logs where a run departs from them.
+REFERENCE: dict[str, Any] = {
+    "model.query_std": 1.0,  # learned queries drawn from a unit normal
+    "selection.distinct": False,  # copies of a patch compete for the memory like any patch
+    "train.batch_size": 16,
+    "train.min_lr_ratio": 1e-3,
+    "train.warmup_epochs": 10.0,
+    "train.weight_decay": 0.1,
+}
+
+
+def reference_departures(config: Config) -> list[str]:
+    """``key=value (reference: value)`` for each setting of `REFERENCE` that ``config`` sets
+    otherwise, in the table's order."""
+    departures = []
+    for key, reference in REFERENCE.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value != reference:
+            departures.append(f"{key}={_yaml_value(value)} (reference: {_yaml_value(reference)})")
+    return departures
+
+
+def _yaml_value(value: Any) -> str:
+    """A setting as a YAML file (and ``--set``) writes it: true, 0.02, 1.0e-3."""
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
 
 
 def _positive(obj: Any, section: str, *names: str) -> None:

@@ -34,7 +34,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from ips import distributed
 from ips import progress as bars
-from ips.config import Config, TrainConfig, config_from_dict, save_config
+from ips.config import (
+    Config,
+    TrainConfig,
+    config_from_dict,
+    reference_departures,
+    save_config,
+)
 from ips.data.augment import build_augment
 from ips.data.collate import SkipErrors, collate_patches
 from ips.data.registry import build_dataset, build_validation, resolve_config
@@ -806,6 +812,11 @@ def _setup(config: Config, run_dir: Path, device: torch.device) -> Run:
             precision_name(resolve_amp(device, cfg.amp)),
             f" (train.amp: auto on {device.type})" if cfg.amp == "auto" else "",
         )
+        departures = reference_departures(config)
+        log.info(
+            "settings unlike the reference code: %s",
+            ", ".join(departures) if departures else "none",
+        )
     augment = None
     if config.model.encoder != "features" and config.data.augment.active:
         augment = build_augment(config.data.augment, channels=config.model.in_channels)
@@ -1076,6 +1087,26 @@ def _progress_factory(enabled: bool) -> Callable[[str], Callable[[Iterable], Ite
 
 
 # ---- evaluation of a stored model -----------------------------------------------------------
+
+
+def evaluation_settings(
+    checkpoint: str | os.PathLike, *, device: torch.device | str = "cpu"
+) -> dict[str, Any]:
+    """What an evaluation of ``checkpoint`` on ``device`` runs with, for its record: the
+    epochs trained, M, I, distinct memory, the precision and the selection order's seed."""
+    state = load_checkpoint(checkpoint)
+    config = config_from_dict(state["config"])
+    return {
+        "epoch": state.get("epoch"),
+        "elapsed_s": state.get("elapsed"),
+        "memory_size": config.selection.memory_size,
+        "chunk_size": config.selection.chunk_size,
+        "distinct": config.selection.distinct,
+        "precision": resolve_amp(torch.device(device), config.train.amp),
+        "selection_order": f"shuffled, seed {config.train.seed}"
+        if config.selection.shuffle
+        else "raster",
+    }
 
 
 def evaluate_checkpoint(
