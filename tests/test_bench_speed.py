@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,8 +17,11 @@ from ips.bench import (
     speed_table,
     training_step,
 )
+from ips.bench.feature_speed import write_feature_bags
 from ips.cli import main
-from ips.config import Config, replace_fields
+from ips.config import Config, load_config, replace_fields, resolve_config_path
+from ips.data.feature_bags import H5FeatureBag, open_feature_bag
+from ips.errors import InputError
 from ips.model import create_model
 
 TINY_SPEED = dict(
@@ -243,6 +247,113 @@ def test_bench_speed_command_writes_json_lines_and_a_table(tmp_path, capsys):
 )
 def test_bad_speed_arguments_exit_2_with_one_line_naming_the_option(capsys, argv, option):
     code = main(["bench", "speed", "--input", "dense", "--canvas", "48", *argv])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ips: error:") and option in err[0]
+
+
+# ---- feature bags ----------------------------------------------------------------------------
+
+TINY_BAGS = dict(memory_size=8, chunk_size=16, embed_dim=16, num_heads=2, head_dim=8, mlp_dim=32)
+B, N, F, M = 2, 64, 32, 8
+
+
+def test_feature_bags_are_written_in_the_extraction_layout_with_distinct_random_rows(tmp_path):
+    paths = write_feature_bags(tmp_path, batch_size=B, num_patches=N, feature_dim=F, seed=3)
+    rows = []
+    for path in paths:
+        bag = open_feature_bag(path)
+        assert isinstance(bag, H5FeatureBag) and (len(bag), bag.feature_dim) == (N, F)
+        assert bag.patch_size_level0 == 256 and bag.positions([9]).tolist() == [[1, 1]]
+        assert bag.attrs["feature_dim"] == F
+        rows.append(bag.read(np.arange(N)))
+        bag.close()
+    every = np.concatenate(rows)
+    assert every.dtype == np.float32 and len(np.unique(every, axis=0)) == B * N
+    again = write_feature_bags(
+        tmp_path / "again", batch_size=1, num_patches=N, feature_dim=F, seed=3
+    )
+    with open_feature_bag(again[0]) as bag:  # seeded
+        np.testing.assert_array_equal(bag.read(np.arange(N)), rows[0])
+
+
+def test_the_features_input_measures_every_part_on_bags_read_lazily():
+    config = replace_fields(load_config(resolve_config_path("camelyon16")), **TINY_BAGS)
+    records = bench_speed(
+        config,
+        input="features",
+        batch_size=B,
+        num_patches=N,
+        feature_dim=F,
+        variants=["reference", "default"],
+        repeats=1,
+        warmup=0,
+        threads=1,
+    )
+    by = {(r["measure"], r["variant"]): r for r in records}
+    assert set(by) == {
+        ("floor", "fp32"),
+        *((m, v) for m in ("step", "infer", "summary") for v in ("reference", "default")),
+        ("full", "default"),
+    }
+    row_bytes = F * 4
+    for record in records:
+        assert set(SPEED_KEYS) <= set(record)
+        sizes = [record[k] for k in ("num_patches", "feature_dim", "batch_size", "memory_size")]
+        assert sizes == [N, F, B, M]
+        assert (record["chunk_size"], record["embed_dim"]) == (16, 16)
+        assert record["input"] == "features" and record["loading"] == "eager_sequential"
+        if record["measure"] != "summary":
+            assert record["seconds"] > 0 and record["peak_rss_mb"] > 0
+    floor = by["floor", "fp32"]
+    assert floor["bytes_read"] == B * N * row_bytes  # every row once
+    parts = floor["read_seconds"] + floor["no_grad_seconds"] + floor["grad_seconds"]
+    assert floor["seconds"] == pytest.approx(parts, abs=1e-3)
+    for variant in ("reference", "default"):
+        for measure in ("step", "infer"):
+            record = by[measure, variant]
+            assert record["same_selection"] is True
+            assert record["bytes_read"] == B * (N + M) * row_bytes  # selection + the kept rows
+            assert 0 < record["read_seconds"]
+    assert by["full", "default"]["bytes_read"] == B * N * row_bytes
+    assert by["summary", "default"]["paired_step_over_floor"] > 0
+    assert "| floor | fp32 |" in speed_table(records)
+
+
+def test_the_features_input_needs_the_features_encoder():
+    with pytest.raises(InputError, match="model.encoder .features."):
+        bench_speed(_config(), input="features", batch_size=1, num_patches=4, feature_dim=4)
+
+
+def test_bench_speed_command_measures_feature_bags_as_json_lines(capsys):
+    sets = [f"selection.{k}={v}" for k, v in TINY_BAGS.items() if k.endswith("_size")]
+    sets += [f"model.{k}={v}" for k, v in TINY_BAGS.items() if not k.endswith("_size")]
+    argv = ["bench", "speed", "--input", "features", "--num-patches", str(N)]
+    argv += ["--feature-dim", str(F), "--batch-size", str(B), "--variants", "default"]
+    argv += ["--repeats", "1", "--warmup", "0", "--no-full", "--threads", "1", "--json"]
+    assert main([*argv, *(a for s in sets for a in ("--set", s))]) == 0  # camelyon16 config
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["measure"], r["variant"]) for r in lines] == [
+        ("floor", "fp32"),
+        ("step", "default"),
+        ("infer", "default"),
+        ("summary", "default"),
+    ]
+    assert all((r["num_patches"], r["feature_dim"], r["batch_size"]) == (N, F, B) for r in lines)
+    assert lines[-2]["same_selection"] is True and lines[-2]["bytes_read"] > 0
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["--input", "dense", "--num-patches", "10"], "--num-patches"),
+        (["--input", "features", "--canvas", "48"], "--canvas"),
+        (["--input", "features", "--feature-dim", "0"], "--feature-dim"),
+        (["--input", "features", "--config", "megapixel_mnist"], "model.encoder"),
+    ],
+)
+def test_bad_feature_speed_arguments_exit_2_naming_the_option(capsys, argv, option):
+    code = main(["bench", "speed", *argv])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ips: error:") and option in err[0]

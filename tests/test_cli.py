@@ -5,10 +5,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import ips
 from conftest import CMU_SVS, MNIST_TINY, TINY_MNIST_SETS, megapixel_mnist_test_metrics
 from ips.cli import main
+from ips.precision import resolve_amp
 
 
 def _mnist() -> str:
@@ -104,6 +106,10 @@ def test_train_then_eval_prints_json_metrics(tmp_path, capsys):
     assert multi["exact_match"] == pytest.approx(expected["multi_exact_match"])
     assert multi["label_accuracy"] == pytest.approx(expected["multi_label_accuracy"])
     assert json.loads(out_file.read_text()) == printed
+    settings = printed["settings"]  # what the figures were measured with
+    assert (settings["memory_size"], settings["chunk_size"], settings["epoch"]) == (4, 8, 1)
+    assert settings["precision"] == resolve_amp(torch.device("cpu"), "auto")
+    assert settings["selection_order"] == "raster"
 
 
 @pytest.mark.parametrize(

@@ -17,9 +17,11 @@ from ips.data.feature_bags import (
     FeatureBagDataset,
     FeatureFile,
     H5FeatureBag,
+    NpyFeatureBag,
     open_feature_bag,
 )
 from ips.data.registry import build_dataset
+from ips.errors import InputError
 
 h5py = pytest.importorskip("h5py")
 
@@ -220,6 +222,42 @@ def test_in_memory_bags_are_plain_feature_bags(tmp_path):
     bag = FeatureBag(features, np.array([[0, 0], [10, 0], [0, 10], [10, 10]]), name="mem")
     np.testing.assert_array_equal(bag.read([3, 0]), features[[3, 0]])
     assert bag.patch_size_level0 == 10 and bag.level0_size == (20, 20)
+
+
+def test_a_npy_bag_is_memory_mapped_and_reads_the_rows_of_the_file(tmp_path):
+    features = np.random.default_rng(0).normal(size=(11, F)).astype(np.float32)
+    np.save(tmp_path / "plain.npy", features)
+    bag = open_feature_bag(tmp_path / "plain.npy")
+    assert isinstance(bag, NpyFeatureBag) and isinstance(bag._map, np.memmap)
+    assert (len(bag), bag.feature_dim, bag.coords) == (11, F, None)
+    ids = np.array([7, 3, 7, 10, 0])
+    np.testing.assert_array_equal(bag.read(ids), features[ids])
+    copy = pickle.loads(pickle.dumps(bag))  # the map stays behind; the copy maps the file
+    assert copy._map is None
+    np.testing.assert_array_equal(copy.read(ids), features[ids])
+    assert isinstance(copy._map, np.memmap)
+    bag.close()  # a read after closing maps the file again
+    np.testing.assert_array_equal(bag.read([1]), features[[1]])
+    in_memory = FeatureBagDataset(
+        [tmp_path / "plain.npy"], [{"metastases": 1}], BINARY, in_memory=True
+    )
+    np.testing.assert_array_equal(in_memory[0]["patches"].numpy(), features)
+
+
+def test_npy_bags_of_objects_and_of_nan_are_refused_as_before(tmp_path):
+    np.save(tmp_path / "objects.npy", np.array([[{"a": 1}]], dtype=object), allow_pickle=True)
+    with pytest.raises(InputError, match="objects.npy: cannot read.*pickle"):
+        open_feature_bag(tmp_path / "objects.npy")
+    np.save(tmp_path / "text.npy", np.full((3, F), "x"))
+    with pytest.raises(InputError, match="text.npy: features must be real numbers"):
+        open_feature_bag(tmp_path / "text.npy")
+    rows = np.ones((4, F), dtype=np.float32)
+    rows[2, 0] = np.nan
+    np.save(tmp_path / "nan.npy", rows)
+    bag = open_feature_bag(tmp_path / "nan.npy")  # values are checked as rows are read
+    np.testing.assert_array_equal(bag.read([0, 1]), rows[:2])
+    with pytest.raises(InputError, match=r"nan.npy: features hold NaN or inf \(patch 2\)"):
+        bag.read([1, 2])
 
 
 def test_the_benchmark_reads_rows_with_the_same_feature_file_class():

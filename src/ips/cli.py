@@ -270,7 +270,7 @@ def _add_eval(sub: Any) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ips.metrics import nest_metrics
-    from ips.train import evaluate_checkpoint
+    from ips.train import evaluate_checkpoint, evaluation_settings
 
     metrics = evaluate_checkpoint(
         args.checkpoint,
@@ -279,7 +279,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         device=_device(args.device),
         progress=not args.no_progress,
     )
-    result = {args.split: nest_metrics(metrics), "checkpoint": str(args.checkpoint)}
+    result = {
+        args.split: nest_metrics(metrics),
+        "checkpoint": str(args.checkpoint),
+        "settings": evaluation_settings(args.checkpoint, device=_device(args.device)),
+    }
     line = json.dumps(result)
     if args.out:
         from ips.files import write_atomically
@@ -896,7 +900,8 @@ def _add_bench_speed(bench: Any) -> None:
         help="IPS training and inference speed against the encoder's compute floor",
         description="In one process, after warm-up, the median time of: the compute floor "
         "(the encoder on the distinct patches without gradients at its best batch size, plus "
-        "forward and backward of the B x M selected patches), the IPS training step, "
+        "forward and backward of the B x M selected patches; for feature bags also reading "
+        "every row, and pooling and heads in the gradient pass), the IPS training step, "
         "inference, and the no-selection baseline where it fits; once per speed option "
         "(variant), so the speed-up of each is measured separately.",
         parents=_parents(
@@ -906,21 +911,33 @@ def _add_bench_speed(bench: Any) -> None:
             overrides="override a config value, e.g. --set selection.memory_size=50 (repeatable)",
         ),
     )
-    p.add_argument("--config", default="megapixel_mnist", help="YAML file or shipped config name")
+    p.add_argument(
+        "--config",
+        help="YAML file or shipped config name (default: megapixel_mnist; camelyon16 for "
+        "--input features)",
+    )
     p.add_argument(
         "--input",
-        choices=["mnist", "dense"],
+        choices=["mnist", "dense", "features"],
         default="mnist",
-        help="mnist: Megapixel MNIST images; dense: random pixels, no patch repeated",
+        help="mnist: Megapixel MNIST images; dense: random pixels, no patch repeated; "
+        "features: B HDF5 feature bags of N random rows, read lazily",
     )
     p.add_argument("--mnist", help="MNIST idx folder or .npz (default: $IPS_MNIST, ...)")
     p.add_argument("--batch-size", type=int, default=16, help="B: images per step")
-    p.add_argument("--canvas", type=int, default=1500, help="image side; N = (canvas // P)^2")
+    p.add_argument("--canvas", type=int, help="image side; N = (canvas // P)^2 (default 1500)")
+    p.add_argument(
+        "--num-patches", type=int, metavar="N", help="N: rows per feature bag (default 10000)"
+    )
+    p.add_argument(
+        "--feature-dim", type=int, metavar="F", help="F: feature width of the bags (default 2048)"
+    )
     p.add_argument(
         "--variants",
         nargs="+",
         help="speed options to measure, from: reference channels_last dedup default "
-        "micro_batch bf16 fp16 compile (default: all but compile; fp16 needs CUDA)",
+        "micro_batch bf16 fp16 compile (default: all but compile, and for features all but "
+        "compile and channels_last; fp16 needs CUDA)",
     )
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions (median)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
@@ -932,13 +949,26 @@ def _add_bench_speed(bench: Any) -> None:
 def cmd_bench_speed(args: argparse.Namespace) -> int:
     from ips.config import load_config, resolve_config_path
 
-    _check_positive(args, "batch_size", "canvas", "repeats", "threads")
+    _check_positive(
+        args, "batch_size", "canvas", "num_patches", "feature_dim", "repeats", "threads"
+    )
     if args.warmup < 0:
         raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
-    config = load_config(resolve_config_path(args.config), args.overrides)
+    features = args.input == "features"
+    for option, value, wanted in (
+        ("--num-patches", args.num_patches, True),
+        ("--feature-dim", args.feature_dim, True),
+        ("--canvas", args.canvas, False),
+        ("--mnist", args.mnist, False),
+    ):
+        if value is not None and wanted != features:
+            needs = "--input features" if wanted else "a pixel --input (mnist, dense)"
+            raise ConfigError(f"{option} is for {needs}, got --input {args.input}")
+    default_config = "camelyon16" if features else "megapixel_mnist"
+    config = load_config(resolve_config_path(args.config or default_config), args.overrides)
     device = _device(args.device)
 
-    from ips.bench import DEFAULT_VARIANTS, bench_speed, speed_table
+    from ips.bench import bench_speed, speed_table
 
     def report(record: dict) -> None:
         if args.json:
@@ -957,9 +987,11 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
         config,
         input=args.input,
         batch_size=args.batch_size,
-        canvas=args.canvas,
+        canvas=args.canvas or 1500,
         mnist=args.mnist,
-        variants=args.variants or DEFAULT_VARIANTS,
+        num_patches=args.num_patches or 10000,
+        feature_dim=args.feature_dim or 2048,
+        variants=args.variants,
         repeats=args.repeats,
         warmup=args.warmup,
         full=not args.no_full,

@@ -37,6 +37,7 @@ from ips.rss import (
 if TYPE_CHECKING:
     from ips.bench.speed import (
         DEFAULT_VARIANTS,
+        FEATURE_VARIANTS,
         SPEED_KEYS,
         VARIANTS,
         SpeedBatch,
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 
 _SPEED_NAMES = (  # imported from ips.bench.speed on first use
     "DEFAULT_VARIANTS",
+    "FEATURE_VARIANTS",
     "SPEED_KEYS",
     "VARIANTS",
     "SpeedBatch",
@@ -60,6 +62,7 @@ _SPEED_NAMES = (  # imported from ips.bench.speed on first use
 __all__ = [
     "DEFAULT_NUM_PATCHES",
     "DEFAULT_VARIANTS",
+    "FEATURE_VARIANTS",
     "MEMORY_KEYS",
     "METHODS",
     "SPEED_KEYS",

@@ -13,6 +13,10 @@ repetitions:
     full      the no-selection baseline: all N patches with gradients (M >= N), when its
               estimated memory fits.
 
+Inputs: "mnist" (Megapixel MNIST images), "dense" (random pixels, no patch repeated), or
+"features": B feature bags read lazily from HDF5 files, whose floor also counts reading every
+row and the pooling and heads of the gradient pass (see `ips.bench.feature_speed`).
+
 Each of these runs for a list of variants, one speed option changed at a time, so the
 speed-up of every option is measured separately on the same inputs in the same process:
 
@@ -37,6 +41,7 @@ equality is expected in fp32, reduced precision may swap near-ties.
 Peak memory of each measurement: on CUDA, the allocator's peak above what was allocated
 before; on the CPU, the process's resident high-water mark above the resident memory before
 (reset through `/proc/self/clear_refs`, Linux only; None elsewhere; see `ips.rss`).
+`peak_rss_mb` is the resident high-water mark itself, on every device.
 """
 
 from __future__ import annotations
@@ -49,26 +54,43 @@ import os
 import platform
 import statistics
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
+from ips.bench.feature_speed import (
+    FeatureSpeedBatch,
+    feature_config,
+    feature_floors,
+    make_feature_batch,
+)
+from ips.bench.measuring import (
+    Floors,
+    Meter,
+    ReadCounter,
+    Timing,
+    amp_supported,
+    best_batch_size,
+    encode_all,
+    largest,
+    paired_ratios,
+    random_target,
+)
 from ips.config import Config, TrainConfig, replace_fields
 from ips.errors import InputError
 from ips.heads import compute_loss
 from ips.model import IPSModel
 from ips.precision import autocast, native_bf16
-from ips.rss import peak_rss_since_reset_mb, release_free_heap, reset_peak_rss, rss_mb
 from ips.selection import eval_mode
 from ips.train import build_optimizer
 
 logger = logging.getLogger(__name__)
 
-INPUTS = ("mnist", "dense")
+PIXEL_INPUTS = ("mnist", "dense")
+INPUTS = (*PIXEL_INPUTS, "features")
 CHUNK = "chunk"  # encoder_batch_size of a variant: one call per chunk of B x I patches
 BEST = "best"  # encoder_batch_size of a variant: the floor's best batch size
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -90,8 +112,24 @@ DEFAULT_VARIANTS = (
     "bf16",
     "fp16",
 )
+# channels-last is a no-op for the features projector (no convolutions)
+FEATURE_VARIANTS = ("reference", "dedup", "micro_batch", "default", "bf16", "fp16")
 BATCH_SIZES = (16, 32, 64, 128, 256, 512, 1024)  # tried for the floor's best encoder batch
 SPEED_KEYS = ("measure", "variant", "seconds", "images_per_second", "peak_mb")
+
+
+class StepInput(Protocol):
+    """What the measured step runs on: B images' patches (a tensor or B containers), their
+    targets, and the patch grid (None: the containers carry positions)."""
+
+    @property
+    def patches(self) -> Tensor | Sequence[Any]: ...
+
+    @property
+    def targets(self) -> dict[str, Tensor]: ...
+
+    @property
+    def grid_shape(self) -> tuple[int, int] | None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +146,16 @@ class SpeedBatch:
     targets: dict[str, Tensor]
     grid_shape: tuple[int, int]
     distinct: int
+
+    @property
+    def batch_size(self) -> int:
+        """B."""
+        return self.patches.shape[0]
+
+    @property
+    def num_patches(self) -> int:
+        """N."""
+        return self.patches.shape[1]
 
 
 def make_speed_batch(
@@ -131,8 +179,8 @@ def make_speed_batch(
         mnist: MNIST digits for "mnist" (see `ips.data.mnist.load_mnist`).
         seed: seed of the images and targets.
     """
-    if input not in INPUTS:
-        raise InputError(f"input must be one of {INPUTS}, got {input!r}")
+    if input not in PIXEL_INPUTS:
+        raise InputError(f"input must be one of {PIXEL_INPUTS}, got {input!r}")
     model = config.model
     p = model.patch_size
     if p is None or model.encoder == "features":
@@ -153,7 +201,7 @@ def make_speed_batch(
     targets = {task.name: targets.get(task.name) for task in model.tasks}
     for task in model.tasks:
         if targets[task.name] is None:
-            targets[task.name] = _random_target(task, batch_size, g)
+            targets[task.name] = random_target(task, batch_size, g)
     distinct = len(torch.unique(patches.reshape(-1, patches[0, 0].numel()), dim=0))
     return SpeedBatch(patches, targets, grid, distinct)
 
@@ -181,57 +229,6 @@ def _mnist_batch(
     return patches, targets, dataset.grid_shape
 
 
-def _random_target(task: Any, batch_size: int, g: torch.Generator) -> Tensor:
-    if task.kind == "multiclass":
-        return torch.randint(0, task.num_classes, (batch_size,), generator=g)
-    if task.kind == "multilabel":
-        return torch.randint(0, 2, (batch_size, task.num_classes), generator=g).float()
-    return torch.randint(0, 2, (batch_size,), generator=g).float()
-
-
-# ---- timing and memory ---------------------------------------------------------------------
-
-
-class _Meter:
-    """Median wall time over repetitions after warm-up, and the peak memory of the timed runs."""
-
-    def __init__(self, device: torch.device, *, warmup: int, repeats: int) -> None:
-        self.device, self.warmup, self.repeats = device, warmup, repeats
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def __call__(
-        self, fn: Callable[..., Any], *args: Any, **kwargs: Any
-    ) -> tuple[float, float | None]:
-        """Time ``fn(*args, **kwargs)``. Returns: (median seconds, peak MiB above the memory
-        before, or None)."""
-        for _ in range(self.warmup):
-            fn(*args, **kwargs)
-        self._sync()
-        gc.collect()
-        cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-            base = torch.cuda.memory_allocated(self.device)
-        else:
-            release_free_heap()
-            base = rss_mb()
-            reset = reset_peak_rss() and base > 0
-        times = []
-        for _ in range(self.repeats):
-            start = time.perf_counter()
-            fn(*args, **kwargs)
-            self._sync()
-            times.append(time.perf_counter() - start)
-        if cuda:
-            peak = (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
-        else:
-            peak = peak_rss_since_reset_mb() - base if reset else None
-        return statistics.median(times), None if peak is None else round(peak, 1)
-
-
 # ---- the measured operations ---------------------------------------------------------------
 
 
@@ -241,6 +238,7 @@ def _build_model(
     best_batch: int | None,
     device: torch.device,
     batch_size: int = 1,
+    loading: str = "eager",
 ) -> IPSModel:
     """The config's model with the variant's options (options it does not name stay)."""
     options = {k: variant[k] for k in ("dedup", "channels_last") if k in variant}
@@ -250,14 +248,14 @@ def _build_model(
     elif batch == CHUNK:
         sel = config.selection
         options["encoder_batch_size"] = batch_size * max(sel.memory_size, sel.chunk_size)
-    config = replace_fields(config, loading="eager", **options)
+    config = replace_fields(config, loading=loading, **options)
     return IPSModel(config.model, config.selection).to(device)
 
 
 def training_step(
     model: IPSModel,
     optimizer: torch.optim.Optimizer,
-    batch: SpeedBatch,
+    batch: StepInput,
     *,
     amp: str = "none",
     seed: int = 0,
@@ -283,7 +281,7 @@ def training_step(
     return loss.item()
 
 
-def _inference(model: IPSModel, batch: SpeedBatch, amp: str, seed: int) -> None:
+def _inference(model: IPSModel, batch: StepInput, amp: str, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.inference_mode(), eval_mode(model), autocast(model.device, amp):
         model(batch.patches, grid_shape=batch.grid_shape, generator=generator)
@@ -300,27 +298,6 @@ def _encoder_input(model: IPSModel, patches: Tensor) -> Tensor:
     return x
 
 
-def _encode_all(encoder: nn.Module, x: Tensor, batch_size: int, amp: str = "none") -> None:
-    with torch.inference_mode(), autocast(x.device, amp):
-        for start in range(0, len(x), batch_size):
-            encoder(x[start : start + batch_size])
-
-
-def _best_batch_size(
-    encoder: nn.Module, x: Tensor, meter: _Meter, amp: str, candidates: Sequence[int]
-) -> tuple[int, dict[int, float]]:
-    """The encoder batch size with the highest no-grad throughput over x."""
-    sample = x[: min(len(x), 2 * max(candidates))]
-    rates = {}
-    quick = _Meter(meter.device, warmup=1, repeats=1)
-    for size in candidates:
-        if size > len(sample) and rates:
-            break
-        seconds, _ = quick(_encode_all, encoder, sample, size, amp)
-        rates[size] = len(sample) / seconds
-    return max(rates, key=rates.get), rates
-
-
 def _grad_pass(encoder: nn.Module, x: Tensor, amp: str, device: torch.device) -> None:
     encoder.zero_grad(set_to_none=True)
     with autocast(device, amp):
@@ -328,7 +305,7 @@ def _grad_pass(encoder: nn.Module, x: Tensor, amp: str, device: torch.device) ->
     out.float().sum().backward()
 
 
-def _selection(model: IPSModel, batch: SpeedBatch, seed: int) -> None:
+def _selection(model: IPSModel, batch: StepInput, seed: int) -> None:
     """The selection part of a training step on its own (no gradients, eval mode)."""
     model.select(
         batch.patches, grid_shape=batch.grid_shape, generator=torch.Generator().manual_seed(seed)
@@ -339,11 +316,11 @@ def _floor_run(
     encoder: nn.Module, x: Tensor, xk: Tensor, batch_size: int, device: torch.device
 ) -> Callable[[], None]:
     """One run of the fp32 floor (distinct patches without gradients at ``batch_size``, then
-    the gradient pass over the kept ones), as a closure for `_paired_ratios`."""
+    the gradient pass over the kept ones), as a closure for `paired_ratios`."""
 
     def run() -> None:
         encoder.eval()
-        _encode_all(encoder, x, batch_size)
+        encode_all(encoder, x, batch_size)
         encoder.train()
         _grad_pass(encoder, xk, "none", device)
         encoder.zero_grad(set_to_none=True)
@@ -351,25 +328,60 @@ def _floor_run(
     return run
 
 
-def _paired_ratios(
-    step: Callable[[], Any], floor: Callable[[], Any], repeats: int, device: torch.device
-) -> list[float]:
-    """step / floor of ``repeats`` back-to-back pairs of runs. A slow spell of a shared
-    machine then lands on both halves of a pair, so the median of these ratios is steadier
-    than the ratio of medians measured minutes apart."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
-
-    def timed(fn: Callable[[], Any]) -> float:
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        return time.perf_counter() - start
-
-    ratios = []
-    for _ in range(repeats):
-        f = timed(floor)
-        ratios.append(timed(step) / f)
-    return ratios
+def _pixel_floors(
+    probe: IPSModel,
+    batch: SpeedBatch,
+    *,
+    precisions: Sequence[str],
+    meter: Meter,
+    device: torch.device,
+    seed: int,
+    emit: Callable[[dict[str, Any]], dict[str, Any]],
+) -> Floors:
+    """The floor of pixel inputs once per precision: the distinct patches without gradients
+    at the encoder's best batch size + forward and backward of the B x M kept patches."""
+    B, N = batch.patches.shape[:2]
+    flat = batch.patches.reshape(B * N, *batch.patches.shape[2:])
+    distinct = torch.unique(flat.reshape(B * N, -1), dim=0).view(-1, *flat.shape[1:])
+    selected = probe.select(
+        batch.patches, grid_shape=batch.grid_shape, generator=torch.Generator().manual_seed(seed)
+    )
+    kept = batch.patches[torch.arange(B)[:, None], selected.ids].reshape(-1, *flat.shape[1:])
+    records: dict[str, dict[str, Any]] = {}
+    fp32_run: Callable[[], None] | None = None
+    best = 0
+    for amp in precisions:
+        if not amp_supported(amp, device):
+            continue
+        encoder = probe.encoder.eval()
+        x = _encoder_input(probe, distinct)
+        size, rates = best_batch_size(encoder, x, device, amp, BATCH_SIZES)
+        no_grad = meter(encode_all, encoder, x, size, amp)
+        encoder.train()
+        xk = _encoder_input(probe, kept)
+        grad = meter(_grad_pass, encoder, xk, amp, device)
+        encoder.zero_grad(set_to_none=True)
+        if amp == "none":
+            best, fp32_run = size, _floor_run(encoder, x, xk, size, device)
+        del x, xk
+        seconds = no_grad.seconds + grad.seconds
+        records[amp] = emit(
+            {
+                "measure": "floor",
+                "variant": "fp32" if amp == "none" else amp,
+                "amp": amp,
+                "seconds": round(seconds, 4),
+                "images_per_second": _rate(B, seconds),
+                "peak_mb": largest(no_grad.peak_mb, grad.peak_mb),
+                "peak_rss_mb": largest(no_grad.peak_rss_mb, grad.peak_rss_mb),
+                "no_grad_seconds": round(no_grad.seconds, 4),
+                "grad_seconds": round(grad.seconds, 4),
+                "best_encoder_batch_size": size,
+                "encoder_patches_per_second": {str(k): round(v, 1) for k, v in rates.items()},
+            }
+        )
+    assert fp32_run is not None  # fp32 runs everywhere
+    return Floors(records, fp32_run, best)
 
 
 # ---- the benchmark -------------------------------------------------------------------------
@@ -382,7 +394,9 @@ def bench_speed(
     batch_size: int = 16,
     canvas: int = 1500,
     mnist: str | os.PathLike | None = None,
-    variants: Sequence[str] = DEFAULT_VARIANTS,
+    num_patches: int = 10000,
+    feature_dim: int = 2048,
+    variants: Sequence[str] | None = None,
     repeats: int = 3,
     warmup: int = 1,
     full: bool = True,
@@ -395,12 +409,18 @@ def bench_speed(
 
     Args:
         config: model and selection settings (the variants change dedup, memory format,
-            encoder batch size, precision, compilation).
-        input: "mnist" or "dense" (see `make_speed_batch`).
+            encoder batch size, precision, compilation). Pixel inputs are held in memory
+            (loading "eager"); feature bags are read as the config's ``selection.loading``
+            says.
+        input: "mnist" or "dense" (see `make_speed_batch`), or "features" (see
+            `ips.bench.feature_speed`; needs ``model.encoder: features``).
         batch_size: B.
-        canvas: image side; N = (canvas // P) ** 2.
+        canvas: image side of pixel inputs; N = (canvas // P) ** 2.
         mnist: MNIST digits for the "mnist" input.
-        variants: names from `VARIANTS`.
+        num_patches: N of each feature bag.
+        feature_dim: F of the feature bags (sets ``model.feature_dim``).
+        variants: names from `VARIANTS`; default `DEFAULT_VARIANTS`, for features
+            `FEATURE_VARIANTS`.
         repeats: timed repetitions (the median is reported).
         warmup: untimed runs before them.
         full: also measure the no-selection baseline where its memory fits.
@@ -412,11 +432,16 @@ def bench_speed(
     Returns:
         Records (dicts), each with at least `SPEED_KEYS`: measure ("floor", "step",
         "infer", "full", "summary"), variant, seconds (median), images_per_second, peak_mb;
-        summary records add the ratios step / floor and full / step. For the "default"
-        variant the step record adds ``select_seconds`` (its selection alone) and
-        ``paired_step_over_floor`` (step / floor of back-to-back pairs of runs), whose median
-        its summary carries.
+        measurements add peak_rss_mb; summary records add the ratios step / floor and
+        full / step. For the "default" variant the step record adds ``select_seconds`` (its
+        selection alone) and ``paired_step_over_floor`` (step / floor of back-to-back pairs
+        of runs), whose median its summary carries. Feature records add feature_dim,
+        embed_dim, loading, and per measurement ``bytes_read`` and ``read_seconds`` (per
+        run; see `ips.bench.feature_speed` for the floor's parts).
     """
+    if input not in INPUTS:
+        raise InputError(f"input must be one of {INPUTS}, got {input!r}")
+    variants = tuple(variants or (FEATURE_VARIANTS if input == "features" else DEFAULT_VARIANTS))
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise InputError(f"variants: unknown {unknown}; choose from {sorted(VARIANTS)}")
@@ -425,27 +450,72 @@ def bench_speed(
     if threads is not None:
         torch.set_num_threads(threads)
     device = torch.device(device)
-    records: list[dict[str, Any]] = []
+    run = functools.partial(
+        _measure_variants,
+        variants=variants,
+        repeats=repeats,
+        warmup=warmup,
+        full=full,
+        device=device,
+        seed=seed,
+        report=report,
+    )
+    if input == "features":
+        config = feature_config(config, feature_dim)
+        with tempfile.TemporaryDirectory(prefix="ips-bench-speed-") as tmp:
+            bags = make_feature_batch(
+                config, Path(tmp), batch_size=batch_size, num_patches=num_patches, seed=seed
+            )
+            try:
+                return run(config, bags, input=input)
+            finally:
+                bags.close()  # before the folder goes
     batch = make_speed_batch(
         config, input=input, batch_size=batch_size, canvas=canvas, mnist=mnist, seed=seed
     )
-    B, N = batch.patches.shape[:2]
-    M = config.selection.memory_size
-    common = {
+    return run(config, batch, input=input)
+
+
+def _measure_variants(
+    config: Config,
+    batch: SpeedBatch | FeatureSpeedBatch,
+    *,
+    input: str,
+    variants: Sequence[str],
+    repeats: int,
+    warmup: int,
+    full: bool,
+    device: torch.device,
+    seed: int,
+    report: Callable[[dict[str, Any]], None] | None,
+) -> list[dict[str, Any]]:
+    """The floors, then step and inference of every variant, the baseline and the summaries."""
+    B, N = batch.batch_size, batch.num_patches
+    sel = config.selection
+    common: dict[str, Any] = {
         "input": input,
         "batch_size": B,
         "num_patches": N,
-        "memory_size": M,
-        "chunk_size": config.selection.chunk_size,
-        "distinct_patches": batch.distinct,
+        "memory_size": sel.memory_size,
+        "chunk_size": sel.chunk_size,
+        "embed_dim": config.model.embed_dim,
         "encoder": config.model.encoder,
-        "patch_size": config.model.patch_size,
-        "device": _device_name(device),
-        "threads": torch.get_num_threads(),
-        "native_bf16": native_bf16(device),
-        "torch": torch.__version__,
     }
-    meter = _Meter(device, warmup=warmup, repeats=repeats)
+    reads: ReadCounter | None
+    if isinstance(batch, FeatureSpeedBatch):  # bags read as training reads them
+        common.update(feature_dim=batch.feature_dim, loading=sel.loading)
+        loading, reads = sel.loading, batch.reads
+    else:  # pixels held in memory
+        common.update(distinct_patches=batch.distinct, patch_size=config.model.patch_size)
+        loading, reads = "eager", None
+    common.update(
+        device=_device_name(device),
+        threads=torch.get_num_threads(),
+        native_bf16=native_bf16(device),
+        torch=torch.__version__,
+    )
+    meter = Meter(device, warmup=warmup, repeats=repeats, reads=reads)
+    records: list[dict[str, Any]] = []
 
     def emit(record: dict[str, Any]) -> dict[str, Any]:
         record = {**record, **common}
@@ -454,61 +524,32 @@ def bench_speed(
             report(record)
         return record
 
-    def rate(seconds: float | None) -> float | None:
-        return None if not seconds else round(B / seconds, 3)
+    def measured(timing: Timing) -> dict[str, Any]:
+        """The fields every timed record carries beside its seconds."""
+        out = {"peak_mb": timing.peak_mb, "peak_rss_mb": timing.peak_rss_mb}
+        if reads is not None:
+            out.update(bytes_read=timing.bytes_read, read_seconds=timing.read_seconds)
+        return out
 
-    # the floor, once per precision: distinct patches without gradients + B x M with them
-    floors: dict[str, dict[str, Any]] = {}
-    best_batch: int | None = None
-    reference_ids: Tensor | None = None
     precisions = ["none"] + sorted({VARIANTS[v].get("amp", "none") for v in variants} - {"none"})
     torch.manual_seed(seed)
-    probe = _build_model(config, VARIANTS["default"], None, device)
+    probe = _build_model(config, VARIANTS["default"], None, device, loading=loading)
     state = {k: v.clone() for k, v in probe.state_dict().items()}
-    flat = batch.patches.reshape(B * N, *batch.patches.shape[2:])
-    distinct = torch.unique(flat.reshape(B * N, -1), dim=0).view(-1, *flat.shape[1:])
-    selected = probe.select(
-        batch.patches, grid_shape=batch.grid_shape, generator=torch.Generator().manual_seed(seed)
-    )
-    kept = batch.patches[torch.arange(B)[:, None], selected.ids].reshape(-1, *flat.shape[1:])
-    floor_fp32: Callable[[], None] | None = None  # one fp32 floor run, for the paired ratio
-    for amp in precisions:
-        if not _amp_supported(amp, device):
-            continue
-        encoder = probe.encoder.eval()
-        x = _encoder_input(probe, distinct)
-        size, rates = _best_batch_size(encoder, x, meter, amp, BATCH_SIZES)
-        if amp == "none":
-            best_batch = size
-        no_grad_s, no_grad_peak = meter(_encode_all, encoder, x, size, amp)
-        encoder.train()
-        xk = _encoder_input(probe, kept)
-        grad_s, grad_peak = meter(_grad_pass, encoder, xk, amp, device)
-        encoder.zero_grad(set_to_none=True)
-        if amp == "none":
-            floor_fp32 = _floor_run(encoder, x, xk, size, device)
-        del x, xk
-        seconds = no_grad_s + grad_s
-        floors[amp] = emit(
-            {
-                "measure": "floor",
-                "variant": "fp32" if amp == "none" else amp,
-                "amp": amp,
-                "seconds": round(seconds, 4),
-                "images_per_second": rate(seconds),
-                "peak_mb": _max(no_grad_peak, grad_peak),
-                "no_grad_seconds": round(no_grad_s, 4),
-                "grad_seconds": round(grad_s, 4),
-                "best_encoder_batch_size": size,
-                "encoder_patches_per_second": {str(k): round(v, 1) for k, v in rates.items()},
-            }
+    if isinstance(batch, FeatureSpeedBatch):
+        floors = feature_floors(
+            probe, batch, precisions=precisions, meter=meter, device=device, seed=seed, emit=emit
         )
+    else:
+        floors = _pixel_floors(
+            probe, batch, precisions=precisions, meter=meter, device=device, seed=seed, emit=emit
+        )
+    reference_ids: Tensor | None = None
     steps: dict[str, float] = {}
     paired: dict[str, float] = {}
     for name in variants:
         variant = VARIANTS[name]
         amp = variant.get("amp", "none")
-        if not _amp_supported(amp, device):
+        if not amp_supported(amp, device):
             emit(
                 {
                     "measure": "step",
@@ -520,7 +561,7 @@ def bench_speed(
                 }
             )
             continue
-        model = _build_model(config, variant, best_batch, device, B)
+        model = _build_model(config, variant, floors.best_batch, device, B, loading)
         model.load_state_dict(state)
         if variant.get("compile"):  # after loading: compiling renames the parameters
             model.encoder = torch.compile(model.encoder, dynamic=True)
@@ -534,15 +575,14 @@ def bench_speed(
         same = bool(torch.equal(ids, reference_ids))
         train_cfg = TrainConfig(lr=1e-4, warmup_epochs=0, epochs=1, amp=amp)
         optimizer, _ = build_optimizer(model, train_cfg, steps_per_epoch=1)
-        step_s, step_peak = meter(training_step, model, optimizer, batch, amp=amp, seed=seed)
-        infer_s, infer_peak = meter(_inference, model, batch, amp, seed)
-        steps[name] = step_s
-        split = {}
-        if name == "default" and floor_fp32 is not None:
-            select_s, _ = meter(_selection, model, batch, seed)
-            split["select_seconds"] = round(select_s, 4)
-            step = functools.partial(training_step, model, optimizer, batch, amp=amp, seed=seed)
-            ratios = _paired_ratios(step, floor_fp32, repeats, device)
+        step = meter(training_step, model, optimizer, batch, amp=amp, seed=seed)
+        infer = meter(_inference, model, batch, amp, seed)
+        steps[name] = step.seconds
+        split: dict[str, Any] = {}
+        if name == "default":
+            split["select_seconds"] = round(meter(_selection, model, batch, seed).seconds, 4)
+            one_step = functools.partial(training_step, model, optimizer, batch, amp=amp, seed=seed)
+            ratios = paired_ratios(one_step, floors.fp32_run, repeats, device)
             paired[name] = statistics.median(ratios)
             split["paired_step_over_floor"] = [round(r, 3) for r in ratios]
         emit(
@@ -550,9 +590,9 @@ def bench_speed(
                 "measure": "step",
                 "variant": name,
                 "amp": amp,
-                "seconds": round(step_s, 4),
-                "images_per_second": rate(step_s),
-                "peak_mb": step_peak,
+                "seconds": round(step.seconds, 4),
+                "images_per_second": _rate(B, step.seconds),
+                **measured(step),
                 "same_selection": same,
                 "encoder_batch_size": model._encoder_batch_size(device),
                 **split,
@@ -563,30 +603,35 @@ def bench_speed(
                 "measure": "infer",
                 "variant": name,
                 "amp": amp,
-                "seconds": round(infer_s, 4),
-                "images_per_second": rate(infer_s),
-                "peak_mb": infer_peak,
+                "seconds": round(infer.seconds, 4),
+                "images_per_second": _rate(B, infer.seconds),
+                **measured(infer),
                 "same_selection": same,
             }
         )
         del model, optimizer
         gc.collect()
-    del probe, floor_fp32
+    floor_records = floors.records
+    del probe, floors  # the fp32 floor run holds the probe's inputs
 
     full_record = None
     if full:
-        full_record = emit(_measure_full(config, batch, state, device, meter, floors, seed))
+        full_record = emit(
+            _measure_full(
+                config, batch, state, device, meter, floor_records, seed, loading, measured
+            )
+        )
 
     for name, seconds in steps.items():
         amp = VARIANTS[name].get("amp", "none")
-        floor = floors.get(amp)
+        floor = floor_records.get(amp)
         full_s = full_record.get("seconds") if full_record else None
         emit(
             {
                 "measure": "summary",
                 "variant": name,
                 "seconds": round(seconds, 4),
-                "images_per_second": rate(seconds),
+                "images_per_second": _rate(B, seconds),
                 "peak_mb": None,
                 "step_over_floor": _ratio(seconds, floor["seconds"] if floor else None),
                 "paired_step_over_floor": (round(paired[name], 3) if name in paired else None),
@@ -599,15 +644,17 @@ def bench_speed(
 
 def _measure_full(
     config: Config,
-    batch: SpeedBatch,
+    batch: SpeedBatch | FeatureSpeedBatch,
     state: dict[str, Tensor],
     device: torch.device,
-    meter: _Meter,
+    meter: Meter,
     floors: dict[str, dict[str, Any]],
     seed: int,
+    loading: str,
+    measured: Callable[[Timing], dict[str, Any]],
 ) -> dict[str, Any]:
     """The no-selection baseline: all N patches per image with gradients (M >= N)."""
-    B, N = batch.patches.shape[:2]
+    B, N = batch.batch_size, batch.num_patches
     M = config.selection.memory_size
     record: dict[str, Any] = {
         "measure": "full",
@@ -628,27 +675,17 @@ def _measure_full(
             )
             return record
     full_config = replace_fields(config, memory_size=N, chunk_size=N)
-    model = _build_model(full_config, VARIANTS["default"], None, device)
+    model = _build_model(full_config, VARIANTS["default"], None, device, loading=loading)
     model.load_state_dict(state)
     optimizer, _ = build_optimizer(model, TrainConfig(lr=1e-4, warmup_epochs=0, epochs=1), 1)
-    seconds, peak = meter(training_step, model, optimizer, batch, seed=seed)
+    timing = meter(training_step, model, optimizer, batch, seed=seed)
     record.update(
-        seconds=round(seconds, 4),
-        images_per_second=round(B / seconds, 3),
-        peak_mb=peak,
+        seconds=round(timing.seconds, 4),
+        images_per_second=_rate(B, timing.seconds),
+        **measured(timing),
         status="ok",
     )
     return record
-
-
-def _amp_supported(amp: str, device: torch.device) -> bool:
-    if amp == "none":
-        return True
-    if amp == "fp16":
-        return device.type == "cuda"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return True  # bf16 autocast runs on every CPU; it is fast only where `native_bf16`
 
 
 def _available_mb(device: torch.device) -> float | None:
@@ -670,13 +707,12 @@ def _device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
+def _rate(images: int, seconds: float | None) -> float | None:
+    return None if not seconds else round(images / seconds, 3)
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if not a or not b else round(a / b, 3)
-
-
-def _max(*values: float | None) -> float | None:
-    present = [v for v in values if v is not None]
-    return max(present) if present else None
 
 
 # ---- reporting -----------------------------------------------------------------------------

@@ -9,8 +9,10 @@ One file per slide, as ``ips extract-features`` writes it::
                                   (level-0 pixels per read pixel), level, mpp, encoder,
                                   feature_dim, ips_version, ... (see ``ips.features``)
 
-``.npz`` files with the same two arrays (and optionally ``patch_size``, level-0 pixels) and
-``.npy`` files holding the features alone (no coords) are read too, loaded whole.
+``.npz`` files with the same two arrays (and optionally ``patch_size``, level-0 pixels) are
+read too, loaded whole: numpy reads (and decompresses) a zip member in one piece, it cannot be
+memory-mapped. ``.npy`` files holding the features alone (no coords) are memory-mapped, so a
+read pages in only the rows it asks for.
 
 `FeatureBag` is a patch container for selection: ``len(bag)`` = N, ``bag.read(ids)`` ->
 float32 (n, F), ``bag.positions(ids)``. An HDF5 bag reads only the requested rows, opens its
@@ -26,8 +28,8 @@ an HDF5 link, external or virtual dataset (which would read other files); the co
 something needs them: 2-D positional encodings name the bag that has none.
 
 `FeatureBagDataset` serves labelled bags to training; the ``feature_bags`` dataset reads the
-labels from a CSV file. `FeatureFile` reads rows of a plain ``.npy`` file without a memory map
-(used by the memory benchmark).
+labels from a CSV file. `FeatureFile` reads rows of a plain ``.npy`` file with file reads, no
+memory map, so rows once read do not stay resident (used by the memory benchmark).
 """
 
 from __future__ import annotations
@@ -247,24 +249,68 @@ class H5FeatureBag(FeatureBag):
             pass
 
 
+class NpyFeatureBag(FeatureBag):
+    """The features alone (no coords) of a ``.npy`` file, memory-mapped read-only.
+
+    A read pages in only the rows it asks for; the file is never loaded whole. Pages once read
+    count as resident memory of the process until the kernel reclaims them (they are clean and
+    backed by the file). Pickles without its map: each process maps the file itself.
+
+    Args:
+        path: the ``.npy`` file with features (N, F).
+        mapped: its array, already mapped (default: mapped here).
+    """
+
+    def __init__(self, path: str | os.PathLike, mapped: np.memmap | None = None) -> None:
+        self.path = Path(path)
+        self.name = self.path.name
+        self.attrs = {}
+        self._map: np.memmap | None = _map_npy(self.path) if mapped is None else mapped
+        self._shape = _check_shape(str(self.path), self._map.shape, self._map.dtype)
+        self._coords = None
+        self._patch_size = None
+
+    def _rows(self, ids: np.ndarray) -> np.ndarray:
+        if self._map is None:
+            self._map = _map_npy(self.path)
+        return self._map[ids]
+
+    def close(self) -> None:
+        self._map = None  # unmapped once no row read from it is referenced
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_map": None}
+
+
+def _map_npy(path: Path) -> np.memmap:
+    """The array of a ``.npy`` file, memory-mapped read-only."""
+    try:
+        mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+    except NUMPY_ERRORS as err:
+        raise _cannot_load(path, err) from None
+    if not isinstance(mapped, np.memmap):
+        raise InputError(f"{path}: expected a .npy file of features (N, F), got a .npz archive")
+    return mapped
+
+
 def open_feature_bag(path: str | os.PathLike) -> FeatureBag:
     """Open a feature bag: ``.h5``/``.hdf5`` (lazy) or ``.npz`` with ``features`` (N, F) and
     ``coords`` (N, 2) level-0 (x, y), optionally ``patch_size`` (level-0 pixels); ``.npy`` with
-    the features only (then the patches have no coords)."""
+    the features only (memory-mapped; then the patches have no coords)."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix in (".h5", ".hdf5"):
         return H5FeatureBag(path)
-    try:
-        data = np.load(path, allow_pickle=False)
+    try:  # a .npy file is mapped (nothing read yet); a .npz archive is opened
+        data = np.load(path, mmap_mode="r", allow_pickle=False)
     except NUMPY_ERRORS as err:
         raise _cannot_load(path, err) from None
-    if isinstance(data, np.ndarray):  # .npy: the features alone
-        _check_shape(str(path), data.shape, data.dtype)
+    if isinstance(data, np.memmap):  # .npy: the features alone
+        bag = NpyFeatureBag(path, data)
         log.warning("%s: a .npy bag has no coords; no heatmap or GeoJSON for it", path)
-        return FeatureBag(data, None, name=path.name)
+        return bag
     with data:
         try:  # members are read (and decompressed) only now
             features, coords = _bag_arrays(path, data)
@@ -283,12 +329,24 @@ NUMPY_ERRORS = (OSError, ValueError, EOFError, MemoryError, zipfile.BadZipFile, 
 
 
 def _cannot_load(path: Path, err: BaseException) -> InputError:
-    reason = (
-        "its header asks for more memory than there is"
-        if isinstance(err, MemoryError)
-        else _one_line(err)
-    )
+    if isinstance(err, MemoryError):
+        reason = "its header asks for more memory than there is"
+    elif _holds_objects(path):  # what numpy says then is about memory maps
+        reason = "it holds Python objects, which only pickle could load, and pickle is refused"
+    else:
+        reason = _one_line(err)
     return InputError(f"{path}: cannot read as a numpy file ({reason})")
+
+
+def _holds_objects(path: Path) -> bool:
+    """Whether a ``.npy`` file's header declares Python objects (False if it has none)."""
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            _, _, dtype = _HEADER_READERS[version](fh)
+        return bool(dtype.hasobject)
+    except (KeyError, *NUMPY_ERRORS):
+        return False
 
 
 def find_bag(folder: str | os.PathLike, name: str) -> Path | None:
