@@ -249,3 +249,9 @@ def test_reference_departures_follow_the_run_not_the_defaults():
         "selection.distinct=true (reference: false)",
         "train.min_lr_ratio=0.5 (reference: 0.001)",
     ]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", ".nan"])
+def test_a_positional_scale_that_is_not_positive_is_refused_by_name(value):
+    with pytest.raises(ConfigError, match=r"model\.pos_scale"):
+        load_config(None, [f"model.pos_scale={value}"])

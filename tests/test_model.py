@@ -275,3 +275,13 @@ def test_augmentation_changes_only_the_patches_of_the_gradient_pass(tiny):
     assert raw.shape == (2 * 5, 1, 8, 8)  # only the B x M kept patches, once
     kept = torch.stack([patches[b, plain.ids[b]] for b in range(2)]).flatten(0, 1)
     assert torch.equal(raw, kept)
+
+
+@pytest.mark.parametrize("kind", ["1d", "2d"])
+def test_pos_scale_sets_the_amplitude_of_the_positional_encoding(tiny, kind):
+    ids = torch.arange(12).reshape(1, 12)
+    positions = torch.stack([ids // 4, ids % 4], dim=-1)  # (1, 12, 2) on a 3 x 4 grid
+    unit = _model(tiny, pos_enc=kind).positional(ids, positions)
+    scaled = _model(tiny, pos_enc=kind, pos_scale=0.25).positional(ids, positions)
+    assert unit.abs().max() > 0.5  # sinusoids of amplitude 1
+    torch.testing.assert_close(scaled, 0.25 * unit, rtol=0, atol=0)

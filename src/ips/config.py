@@ -162,7 +162,14 @@ DEFAULT_TASKS = (TaskSpec("label", "multiclass", 2),)  # model.tasks when a conf
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture: patch encoder, cross-attention pooling, heads."""
+    """Architecture: patch encoder, cross-attention pooling, heads.
+
+    Why each default is what it is: a setting the reference code has takes its value (its
+    Megapixel MNIST configuration and training recipe), unless its comment says "Measured":
+    then it is ours, from the runs in benchmarks/defaults.md, and `REFERENCE` holds the
+    reference's value. Settings the reference code lacks are marked "(ours)"; their
+    comments say what they are for.
+    """
 
     encoder: str = "resnet18_2blocks"  # registered patch encoder (see ips.encoders)
     pretrained: bool | str = False  # True: torchvision weights; a path: a local state dict
@@ -179,12 +186,13 @@ class ModelConfig:
     # (benchmarks/defaults.md): the reference's 1.0 makes the query residual dominate the
     # pooled token (|q| ~ 11 against ~ 0.7 attended), so the heads see a near-constant input
     pos_enc: str = "none"  # "none", "1d" (raster patch index) or "2d" (row, col)
-    normalize_mean: tuple[float, ...] | None = None  # per-channel mean for uint8 / 255 input
-    normalize_std: tuple[float, ...] | None = None  # per-channel std for uint8 / 255 input
-    channels_last: bool = True  # channels-last memory format for convolutional encoders
-    freeze_encoder: bool = False  # train only the encoder's projection, pooling and heads; the
+    pos_scale: float = 1.0  # amplitude of the positional encoding (1.0: the reference's sinusoids)
+    normalize_mean: tuple[float, ...] | None = None  # (ours) per-channel mean for uint8 / 255 input
+    normalize_std: tuple[float, ...] | None = None  # (ours) per-channel std for uint8 / 255 input
+    channels_last: bool = True  # (ours) channels-last memory format for convolutional encoders
+    freeze_encoder: bool = False  # (ours) train only the encoder's projection, pooling, heads; the
     # trunk stays as loaded (eval mode, no gradients), selection still runs on pixels
-    tasks: tuple[TaskSpec, ...] = DEFAULT_TASKS  # one head per task (an image folder gives
+    tasks: tuple[TaskSpec, ...] = DEFAULT_TASKS  # (ours) one head per task (an image folder gives
     # the default task its class folders)
 
     def __post_init__(self) -> None:
@@ -201,6 +209,8 @@ class ModelConfig:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if not self.query_std >= 0.0:
             raise ConfigError(f"model.query_std must be >= 0, got {self.query_std}")
+        if not self.pos_scale > 0.0:
+            raise ConfigError(f"model.pos_scale must be > 0, got {self.pos_scale}")
         if not self.tasks:
             raise ConfigError("model.tasks must name at least one task")
         names = [t.name for t in self.tasks]
@@ -226,13 +236,18 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class SelectionConfig:
-    """Iterative patch selection."""
+    """Iterative patch selection.
+
+    Defaults: the reference code's values unless a comment says "Measured" or "(ours)"
+    (see `ModelConfig`).
+    """
 
     memory_size: int = 100  # M: patches kept after each iteration
     chunk_size: int = 100  # I: patches encoded and scored per iteration
-    encoder_batch_size: int | None = None  # patches per encoder call; None: 64 on CPUs, else I
-    loading: str = "lazy"  # "eager", "eager_sequential" or "lazy" (see ips.model)
-    dedup: bool = True  # encode identical patches (e.g. blank background) once per chunk
+    encoder_batch_size: int | None = None  # (ours) patches per encoder call; None: 64 on CPUs,
+    # else I
+    loading: str = "lazy"  # (ours) "eager", "eager_sequential" or "lazy" (see ips.model)
+    dedup: bool = True  # (ours) encode identical patches (e.g. blank background) once per chunk
     distinct: bool = True  # keep one copy of identical patches in memory. Measured
     # (benchmarks/defaults.md): a scorer trained from scratch can fill the memory with copies
     # of blank background and lose the signal for good; no effect where no patch repeats.
@@ -350,7 +365,11 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation recipe (AdamW, linear warm-up then cosine decay)."""
+    """Optimisation recipe (AdamW, linear warm-up then cosine decay).
+
+    Defaults: the reference code's values unless a comment says "Measured" or "(ours)"
+    (see `ModelConfig`).
+    """
 
     epochs: int = 150  # passes over the training set
     batch_size: int = 16  # B: images per optimizer step
@@ -358,17 +377,18 @@ class TrainConfig:
     min_lr_ratio: float = 1e-3  # final learning rate as a fraction of the peak
     warmup_epochs: float = 10.0  # linear warm-up length, in epochs (counted in steps)
     weight_decay: float = 0.1  # AdamW weight decay
-    no_decay: tuple[str, ...] = ("norm", "bias", "queries")  # parameter names without decay
+    no_decay: tuple[str, ...] = ("norm", "bias", "queries")  # (ours) parameter names without decay
     grad_clip: float | None = None  # max gradient norm; None: no clipping
-    amp: str = "auto"  # autocast: "auto" (bf16 where the device has bf16 units), "none",
+    amp: str = "auto"  # (ours) autocast: "auto" (bf16 where the device has bf16 units), "none",
     # "bf16", or "fp16" (CUDA only, with a gradient scaler)
     seed: int = 0  # seed for weights, data order and selection
-    eval_every: int = 1  # evaluate every this many epochs
-    log_every: int = 10  # write step metrics every this many steps
-    deterministic: bool = False  # deterministic algorithms only (bit-identical CPU repeats)
-    accumulate: int = 1  # micro-steps per optimizer step (B / accumulate images each)
-    sync_batchnorm: bool = False  # BatchNorm statistics over all processes (CUDA, several)
-    activation_checkpointing: bool = False  # recompute encoder activations; no-op: frozen, features
+    eval_every: int = 1  # (ours) evaluate every this many epochs
+    log_every: int = 10  # (ours) write step metrics every this many steps
+    deterministic: bool = False  # (ours) deterministic algorithms only (bit-identical CPU repeats)
+    accumulate: int = 1  # (ours) micro-steps per optimizer step (B / accumulate images each)
+    sync_batchnorm: bool = False  # (ours) BatchNorm statistics over all processes (CUDA, several)
+    activation_checkpointing: bool = False  # (ours) recompute encoder activations in backward;
+    # a no-op for a frozen encoder and for features
 
     def __post_init__(self) -> None:
         _positive(self, "train", "epochs", "batch_size", "eval_every", "log_every", "accumulate")
@@ -427,6 +447,7 @@ class Config:
 # comment and benchmarks/defaults.md). `ips train` logs where a run departs from them.
 REFERENCE: dict[str, Any] = {
     "model.query_std": 1.0,  # learned queries drawn from a unit normal
+    "model.pos_scale": 1.0,  # unit sinusoids added to the embeddings
     "selection.distinct": False,  # copies of a patch compete for the memory like any patch
     "train.batch_size": 16,
     "train.min_lr_ratio": 1e-3,

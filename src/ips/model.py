@@ -207,13 +207,16 @@ class IPSModel(nn.Module):
             positions: (B, K, 2) (row, col) grid positions, needed for "2d".
         """
         kind, dim = self.model_config.pos_enc, self.model_config.embed_dim
+        scale = self.model_config.pos_scale
         if kind == "1d":
-            return sinusoidal_1d(ids, dim)
-        if kind == "2d":
+            encoding = sinusoidal_1d(ids, dim)
+        elif kind == "2d":
             if positions is None:
                 raise InputError("model.pos_enc '2d' needs grid positions: pass grid_shape")
-            return sinusoidal_2d(positions[..., 0], positions[..., 1], dim)
-        return None
+            encoding = sinusoidal_2d(positions[..., 0], positions[..., 1], dim)
+        else:
+            return None
+        return encoding if scale == 1.0 else encoding * scale
 
     def forward_head(self, pooled: Tensor) -> dict[str, Tensor]:
         """(B, T, D) task tokens -> logits per task."""
