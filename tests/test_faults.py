@@ -99,6 +99,15 @@ def straight(data, tmp_path_factory) -> Path:
     return _fit_here(data, tmp_path_factory.mktemp("straight"))
 
 
+def _wait_for_epoch_1(proc: subprocess.Popen, run_dir: Path, log: Path) -> None:
+    """Return once the training process ``proc`` has saved epoch 1 into ``run_dir``."""
+    deadline = time.monotonic() + 240
+    while not (run_dir / "metrics.csv").exists():  # written once epoch 1 is saved
+        assert proc.poll() is None, f"the run ended before epoch 1 was saved: {log.read_text()}"
+        assert time.monotonic() < deadline, "no epoch finished in time"
+        time.sleep(0.005)
+
+
 # ---- kill -9 and resume -----------------------------------------------------------------------
 
 
@@ -108,11 +117,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(data, straig
     with log.open("w") as stderr:
         proc = subprocess.Popen(_train_command(data, run_dir), env=ENV, stderr=stderr)
     try:
-        deadline = time.monotonic() + 240
-        while not (run_dir / "metrics.csv").exists():  # written once epoch 1 is saved
-            assert proc.poll() is None, f"the run ended before epoch 1 was saved: {log.read_text()}"
-            assert time.monotonic() < deadline, "no epoch finished in time"
-            time.sleep(0.005)
+        _wait_for_epoch_1(proc, run_dir, log)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
@@ -207,11 +212,7 @@ def test_ips_train_stopped_by_sigterm_exits_with_the_preemption_status(data, str
     with log.open("w") as stderr:
         proc = subprocess.Popen(_train_command(data, run_dir), env=ENV, stderr=stderr)
     try:
-        deadline = time.monotonic() + 240
-        while not (run_dir / "metrics.csv").exists():  # written once epoch 1 is saved
-            assert proc.poll() is None, f"the run ended before epoch 1 was saved: {log.read_text()}"
-            assert time.monotonic() < deadline, "no epoch finished in time"
-            time.sleep(0.005)
+        _wait_for_epoch_1(proc, run_dir, log)
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
     finally:
