@@ -86,6 +86,32 @@ def test_small_cnn_keeps_full_resolution_first_and_loads_its_own_weights(tmp_pat
         create_encoder("small_cnn", in_channels=1, embed_dim=128, pretrained=True)
 
 
+def test_strided_cnn_quarters_resolution_in_its_stem_and_loads_its_own_weights(tmp_path):
+    encoder = create_encoder("strided_cnn", in_channels=1, embed_dim=64)
+    stem = encoder.body[0]
+    assert stem.stride == (2, 2) and stem.kernel_size == (5, 5)
+    assert encoder.forward_features(torch.rand(2, 1, 50, 50)).shape == (2, 128, 6, 6)
+    assert encoder(torch.rand(3, 1, 50, 50)).shape == (3, 64)  # projected to D
+    encoder.set_grad_checkpointing(True)
+    x = torch.rand(2, 1, 50, 50, requires_grad=True)
+    encoder(x).sum().backward()  # the checkpointed stages cover the whole body
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    torch.save(encoder.state_dict(), tmp_path / "s2.pth")
+    loaded = create_encoder(
+        "strided_cnn", in_channels=1, embed_dim=64, pretrained=str(tmp_path / "s2.pth")
+    )
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(encoder.state_dict().values(), loaded.state_dict().values(), strict=True)
+    )
+    with pytest.raises(ValueError, match="s2.pth does not fit strided_cnn"):
+        create_encoder(
+            "strided_cnn", in_channels=1, embed_dim=128, pretrained=str(tmp_path / "s2.pth")
+        )
+    with pytest.raises(ValueError, match="strided_cnn has no published weights"):
+        create_encoder("strided_cnn", in_channels=1, embed_dim=128, pretrained=True)
+
+
 def test_missing_weights_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.pth"):
         create_encoder("resnet18_2blocks", pretrained=str(tmp_path / "nothing.pth"))
