@@ -68,22 +68,25 @@ def test_small_cnn_keeps_full_resolution_first_and_loads_its_own_weights(tmp_pat
     assert first.in_channels == 1 and first.stride == (1, 1) and first.kernel_size == (3, 3)
     assert encoder.forward_features(torch.rand(2, 1, 48, 48)).shape == (2, 128, 6, 6)
     assert isinstance(encoder.proj, torch.nn.Identity)  # its width is 128 already
+    _loads_its_own_weights(encoder, "small_cnn", tmp_path, in_channels=1, embed_dim=128)
+
+
+def _loads_its_own_weights(encoder, name, tmp_path, *, in_channels, embed_dim):
+    """`name` loads a state dict saved from `encoder` exactly, names a misfit one, and has no
+    published weights to download."""
     for p in encoder.parameters():
         torch.nn.init.normal_(p)
-    torch.save(encoder.state_dict(), tmp_path / "cnn.pth")
-    loaded = create_encoder(
-        "small_cnn", in_channels=1, embed_dim=128, pretrained=str(tmp_path / "cnn.pth")
-    )
+    path = str(tmp_path / "cnn.pth")
+    torch.save(encoder.state_dict(), path)
+    loaded = create_encoder(name, in_channels=in_channels, embed_dim=embed_dim, pretrained=path)
     assert all(
         torch.equal(a, b)
         for a, b in zip(encoder.state_dict().values(), loaded.state_dict().values(), strict=True)
     )
-    with pytest.raises(ValueError, match="cnn.pth does not fit small_cnn"):
-        create_encoder(
-            "small_cnn", in_channels=3, embed_dim=64, pretrained=str(tmp_path / "cnn.pth")
-        )
-    with pytest.raises(ValueError, match="small_cnn has no published weights"):
-        create_encoder("small_cnn", in_channels=1, embed_dim=128, pretrained=True)
+    with pytest.raises(ValueError, match=f"cnn.pth does not fit {name}"):
+        create_encoder(name, in_channels=in_channels + 2, embed_dim=embed_dim * 2, pretrained=path)
+    with pytest.raises(ValueError, match=f"{name} has no published weights"):
+        create_encoder(name, in_channels=in_channels, embed_dim=embed_dim, pretrained=True)
 
 
 def test_strided_cnn_quarters_resolution_in_its_stem_and_loads_its_own_weights(tmp_path):
@@ -96,20 +99,7 @@ def test_strided_cnn_quarters_resolution_in_its_stem_and_loads_its_own_weights(t
     x = torch.rand(2, 1, 50, 50, requires_grad=True)
     encoder(x).sum().backward()  # the checkpointed stages cover the whole body
     assert x.grad is not None and x.grad.abs().sum() > 0
-    torch.save(encoder.state_dict(), tmp_path / "s2.pth")
-    loaded = create_encoder(
-        "strided_cnn", in_channels=1, embed_dim=64, pretrained=str(tmp_path / "s2.pth")
-    )
-    assert all(
-        torch.equal(a, b)
-        for a, b in zip(encoder.state_dict().values(), loaded.state_dict().values(), strict=True)
-    )
-    with pytest.raises(ValueError, match="s2.pth does not fit strided_cnn"):
-        create_encoder(
-            "strided_cnn", in_channels=1, embed_dim=128, pretrained=str(tmp_path / "s2.pth")
-        )
-    with pytest.raises(ValueError, match="strided_cnn has no published weights"):
-        create_encoder("strided_cnn", in_channels=1, embed_dim=128, pretrained=True)
+    _loads_its_own_weights(encoder, "strided_cnn", tmp_path, in_channels=1, embed_dim=64)
 
 
 def test_missing_weights_file_is_named(tmp_path):

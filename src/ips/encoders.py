@@ -219,6 +219,12 @@ class ResNetTrunk(nn.Module):
         return self.proj(self.pool(self.forward_features(x)).flatten(1))
 
 
+def conv_bn_relu(width_in: int, width: int, kernel: int, stride: int = 1) -> list[nn.Module]:
+    """``Conv2d (no bias, same padding) -> BatchNorm2d -> ReLU``."""
+    conv = nn.Conv2d(width_in, width, kernel, stride=stride, padding=kernel // 2, bias=False)
+    return [conv, nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+
+
 class SmallConvNet(nn.Module):
     """A small convolutional encoder for small single-object patches (digits, glyphs, cells).
 
@@ -237,17 +243,9 @@ class SmallConvNet(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         ends = []  # where each stage ends in `body` (one flat Sequential: stable weight names)
-        width_in = in_channels
-        for stage, width in enumerate(self.widths):
-            layers += [
-                nn.Conv2d(width_in, width, kernel_size=3, padding=1, bias=False),
-                nn.BatchNorm2d(width),
-                nn.ReLU(inplace=True),
-            ]
-            if stage < len(self.widths) - 1:
-                layers.append(nn.MaxPool2d(2))
+        for block in self.stages(in_channels):
+            layers += block
             ends.append(len(layers))
-            width_in = width
         self.body = nn.Sequential(*layers)
         self.stage_ends = tuple(ends)
         self.grad_checkpointing = False
@@ -255,6 +253,15 @@ class SmallConvNet(nn.Module):
         out_width = self.widths[-1]
         self.proj = nn.Linear(out_width, embed_dim) if out_width != embed_dim else nn.Identity()
         self.out_dim = embed_dim
+
+    def stages(self, in_channels: int) -> list[list[nn.Module]]:
+        """The layers of each stage: 3 x 3 convolutions, max pooling after all but the last."""
+        w = (in_channels, *self.widths)
+        last = len(self.widths) - 1
+        return [
+            [*conv_bn_relu(w[i], w[i + 1], 3), *([nn.MaxPool2d(2)] if i < last else [])]
+            for i in range(len(self.widths))
+        ]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each stage's activations in backward (`checkpoint_stages`)."""
@@ -285,35 +292,15 @@ class StridedConvNet(SmallConvNet):
     Input (n, C, P, P) with P >= 8, output (n, D).
     """
 
-    widths = (16, 32, 64, 128)
-
-    def __init__(self, *, in_channels: int, embed_dim: int):
-        nn.Module.__init__(self)
-
-        def stage(width_in: int, width: int, kernel: int, stride: int) -> list[nn.Module]:
-            conv = nn.Conv2d(
-                width_in, width, kernel, stride=stride, padding=kernel // 2, bias=False
-            )
-            return [conv, nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
-
-        w = self.widths
-        stages = [
-            [*stage(in_channels, w[0], 5, 2), nn.MaxPool2d(2)],
-            [*stage(w[0], w[1], 3, 1), nn.MaxPool2d(2)],
-            stage(w[1], w[2], 3, 1),
-            stage(w[2], w[3], 3, 1),
+    def stages(self, in_channels: int) -> list[list[nn.Module]]:
+        """A 5 x 5 stride-2 stem and pooling, then 3 x 3 stages (pooling after the second)."""
+        w = (in_channels, *self.widths)
+        return [
+            [*conv_bn_relu(w[0], w[1], 5, stride=2), nn.MaxPool2d(2)],
+            [*conv_bn_relu(w[1], w[2], 3), nn.MaxPool2d(2)],
+            conv_bn_relu(w[2], w[3], 3),
+            conv_bn_relu(w[3], w[4], 3),
         ]
-        layers: list[nn.Module] = []
-        ends = []
-        for block in stages:
-            layers += block
-            ends.append(len(layers))
-        self.body = nn.Sequential(*layers)
-        self.stage_ends = tuple(ends)
-        self.grad_checkpointing = False
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.proj = nn.Linear(w[-1], embed_dim) if w[-1] != embed_dim else nn.Identity()
-        self.out_dim = embed_dim
 
 
 class FeatureProjector(nn.Module):
