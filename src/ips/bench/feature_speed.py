@@ -47,7 +47,7 @@ from ips.bench.measuring import (
     amp_supported,
     best_batch_size,
     encode_all,
-    largest,
+    floor_record,
     random_target,
 )
 from ips.config import Config, replace_fields
@@ -314,24 +314,15 @@ def feature_floors(
             fp32_run = _floor_run(
                 probe, batch.paths, sample, B * N, size, kept, selected.mask, targets
             )
-        seconds = read.seconds + no_grad.seconds + grad.seconds
-        parts = (read, no_grad, grad)
         records[amp] = emit(
-            {
-                "measure": "floor",
-                "variant": "fp32" if amp == "none" else amp,
-                "amp": amp,
-                "seconds": round(seconds, 4),
-                "images_per_second": round(B / seconds, 3),
-                "peak_mb": largest(*(t.peak_mb for t in parts)),
-                "peak_rss_mb": largest(*(t.peak_rss_mb for t in parts)),
-                "bytes_read": read_bytes,
-                "read_seconds": round(read.seconds, 4),
-                "no_grad_seconds": round(no_grad.seconds, 4),
-                "grad_seconds": round(grad.seconds, 4),
-                "best_encoder_batch_size": size,
-                "encoder_patches_per_second": {str(k): round(v, 1) for k, v in rates.items()},
-            }
+            floor_record(
+                amp,
+                B,
+                {"read": read, "no_grad": no_grad, "grad": grad},
+                size,
+                rates,
+                bytes_read=read_bytes,
+            )
         )
     assert fp32_run is not None  # fp32 runs everywhere
     return Floors(records, fp32_run, best)

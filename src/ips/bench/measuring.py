@@ -207,3 +207,31 @@ class Floors(NamedTuple):
     records: dict[str, dict[str, Any]]
     fp32_run: Callable[[], None]
     best_batch: int
+
+
+def floor_record(
+    amp: str,
+    images: int,
+    parts: dict[str, Timing],
+    best_batch: int,
+    rates: dict[int, float],
+    **extra: Any,
+) -> dict[str, Any]:
+    """The record of one floor: its parts' seconds summed (each kept as ``<part>_seconds``),
+    the images per second that makes, the largest of their peaks, the encoder's best batch
+    size and its patches per second at each size tried, and ``extra`` fields."""
+    seconds = sum(t.seconds for t in parts.values())
+    timings = parts.values()
+    return {
+        "measure": "floor",
+        "variant": "fp32" if amp == "none" else amp,
+        "amp": amp,
+        "seconds": round(seconds, 4),
+        "images_per_second": round(images / seconds, 3) if seconds > 0 else None,
+        "peak_mb": largest(*(t.peak_mb for t in timings)),
+        "peak_rss_mb": largest(*(t.peak_rss_mb for t in timings)),
+        **extra,
+        **{f"{name}_seconds": round(t.seconds, 4) for name, t in parts.items()},
+        "best_encoder_batch_size": best_batch,
+        "encoder_patches_per_second": {str(k): round(v, 1) for k, v in rates.items()},
+    }

@@ -75,7 +75,7 @@ from ips.bench.measuring import (
     amp_supported,
     best_batch_size,
     encode_all,
-    largest,
+    floor_record,
     paired_ratios,
     random_target,
 )
@@ -364,22 +364,7 @@ def _pixel_floors(
         if amp == "none":
             best, fp32_run = size, _floor_run(encoder, x, xk, size, device)
         del x, xk
-        seconds = no_grad.seconds + grad.seconds
-        records[amp] = emit(
-            {
-                "measure": "floor",
-                "variant": "fp32" if amp == "none" else amp,
-                "amp": amp,
-                "seconds": round(seconds, 4),
-                "images_per_second": _rate(B, seconds),
-                "peak_mb": largest(no_grad.peak_mb, grad.peak_mb),
-                "peak_rss_mb": largest(no_grad.peak_rss_mb, grad.peak_rss_mb),
-                "no_grad_seconds": round(no_grad.seconds, 4),
-                "grad_seconds": round(grad.seconds, 4),
-                "best_encoder_batch_size": size,
-                "encoder_patches_per_second": {str(k): round(v, 1) for k, v in rates.items()},
-            }
-        )
+        records[amp] = emit(floor_record(amp, B, {"no_grad": no_grad, "grad": grad}, size, rates))
     assert fp32_run is not None  # fp32 runs everywhere
     return Floors(records, fp32_run, best)
 
