@@ -20,7 +20,7 @@ TASKS = {  # three tasks: T = 3 queries
 }
 
 
-def _model(kind: str, **kw) -> ips.IPSModel:
+def _model(kind: str, fold: bool = True, **kw) -> ips.IPSModel:
     torch.manual_seed(0)
     if kind == "features":
         arch = dict(encoder="features", feature_dim=16, embed_dim=32, num_heads=4, head_dim=8)
@@ -28,7 +28,9 @@ def _model(kind: str, **kw) -> ips.IPSModel:
         arch = dict(in_channels=1, patch_size=8, embed_dim=16, num_heads=2, head_dim=8)
     settings = dict(mlp_dim=16, dropout=0.0, tasks=TASKS, memory_size=M, chunk_size=I)
     # queries of unit scale, so that scores differ clearly between patches
-    return ips.create_model(**arch, **settings, query_std=1.0, **kw)
+    model = ips.create_model(**arch, **settings, query_std=1.0, **kw)
+    model.pool.attn.fold_queries = fold  # False: every patch's keys computed
+    return model
 
 
 def _patches(kind: str, n: int) -> Tensor:
@@ -87,10 +89,23 @@ def _rescoring_reference(model, patches, mask, order, grid_shape):
     return ids, scores.masked_fill(~valid, 0.0), valid, observed
 
 
+def _assert_same_selection(got, ids, scores, valid):
+    assert torch.equal(got.ids, ids)
+    assert torch.equal(got.mask, valid)
+    _assert_close(got.scores, scores)
+
+
+def _assert_close(a, b):
+    # float32 rounding apart: on some CPUs a row of a matmul comes out in other bits when
+    # other rows share the call (logits of one chunk against those of the whole set)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def _assert_same_observed(a, b):
     assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        assert all(torch.equal(s, t) for s, t in zip(x, y, strict=True))
+    for (ids_a, scores_a, valid_a), (ids_b, scores_b, valid_b) in zip(a, b, strict=True):
+        assert torch.equal(ids_a, ids_b) and torch.equal(valid_a, valid_b)
+        _assert_close(scores_a, scores_b)
 
 
 FEATURE_CASES = [
@@ -125,11 +140,7 @@ def test_cached_logits_select_exactly_what_rescoring_every_chunk_selects(
     )
     order = torch.randperm(45, generator=torch.Generator().manual_seed(4)).expand(3, -1)
     ids, scores, valid, observed = _rescoring_reference(model, patches, mask, order, GRID)
-    # exact, not close: on the CPU a row of a float32 matmul comes out the same bits whichever
-    # rows share the call, so logits computed per chunk equal those of the whole set
-    assert torch.equal(got.ids, ids)
-    assert torch.equal(got.mask, valid)
-    assert torch.equal(got.scores, scores)
+    _assert_same_selection(got, ids, scores, valid)
     _assert_same_observed(seen, observed)
     if distinct:  # the copies were in play: at most one of them is kept per image
         copy = got.ids % 3 == 0
@@ -144,8 +155,7 @@ def test_cached_logits_select_exactly_what_rescoring_selects_without_a_full_chun
     got = model.select(patches, generator=torch.Generator().manual_seed(2))
     order = torch.randperm(n, generator=torch.Generator().manual_seed(2)).expand(3, -1)
     ids, scores, valid, _ = _rescoring_reference(model, patches, None, order, None)
-    assert torch.equal(got.ids, ids) and torch.equal(got.mask, valid)
-    assert torch.equal(got.scores, scores)
+    _assert_same_selection(got, ids, scores, valid)
 
 
 def test_cached_logits_select_exactly_what_rescoring_selects_under_bf16_autocast():
@@ -156,8 +166,33 @@ def test_cached_logits_select_exactly_what_rescoring_selects_under_bf16_autocast
         got = model.select(patches, generator=torch.Generator().manual_seed(5))
         order = torch.randperm(45, generator=torch.Generator().manual_seed(5)).expand(3, -1)
         ids, scores, valid, _ = _rescoring_reference(model, patches, None, order, None)
-    assert torch.equal(got.ids, ids) and torch.equal(got.mask, valid)
-    assert torch.equal(got.scores, scores)
+    _assert_same_selection(got, ids, scores, valid)
+
+
+@pytest.mark.parametrize("pos_enc", ["none", "2d"])
+@pytest.mark.parametrize("distinct", [False, True])
+def test_folded_queries_select_what_every_patchs_keys_select(distinct, pos_enc):
+    # (W_k^T q) . x against q . (W_k x): equal in exact arithmetic, so the same patches are
+    # kept and the scores agree to float32 rounding. Copies tie exactly, and rounding may
+    # break such ties either way: they compete only with distinct memory
+    patches = _patches("features", 45)
+    if not distinct:
+        patches = torch.randn(3, 45, 16, generator=torch.Generator().manual_seed(0))
+    mask = torch.arange(45) < torch.tensor([45, 29, 3])[:, None]
+    got = []
+    for fold in (False, True):
+        model = _model("features", fold=fold, pos_enc=pos_enc, distinct=distinct)
+        got.append(
+            model.select(patches, mask, grid_shape=GRID, generator=torch.Generator().manual_seed(4))
+        )
+    plain, folded = got
+    _assert_same_selection(folded, plain.ids, plain.scores, plain.mask)
+    with torch.no_grad():  # the pooling's attention too
+        x = torch.randn(3, 45, 32)
+        model.pool.attn.fold_queries = False
+        weights = model.pool(x)[1]
+        model.pool.attn.fold_queries = True
+        _assert_close(model.pool(x)[1], weights)
 
 
 def _pool_score(pool: CrossAttentionPool, calls: list[int]) -> AttentionScore:
@@ -195,6 +230,5 @@ def test_every_patch_gets_its_logits_once_and_a_plain_call_gives_the_same_select
         seen.append(records)
     assert sum(cached_calls) == 53  # the first M, then each chunk: every patch once
     assert sum(plain_calls) == 11 * (6 + 4) + (6 + 3)  # the memory again at each chunk
-    for a, b in zip(*results, strict=True):
-        assert torch.equal(a, b)
+    _assert_same_selection(results[0], *results[1])
     _assert_same_observed(*seen)

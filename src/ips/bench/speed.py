@@ -21,12 +21,15 @@ Each of these runs for a list of variants, one speed option changed at a time, s
 speed-up of every option is measured separately on the same inputs in the same process:
 
     reference       every patch encoded (no dedup), NCHW memory format, fp32, one encoder
-                    call per chunk (B x I patches): the plain algorithm
+                    call per chunk (B x I patches), every patch's attention keys computed:
+                    the plain algorithm
     channels_last   reference + channels-last memory format for the convolutional encoder
     dedup           reference + identical patches of a chunk encoded once (exact in eval mode)
     micro_batch     reference + encoder calls of the floor's best batch size
-    default         the shipped settings: channels-last, dedup, micro-batches of 64 on a CPU
-                    (whole chunks elsewhere)
+    fold_queries    reference + the queries folded into the key projection (attention logits
+                    as (W_k^T q) . x, not q . (W_k x): exact in exact arithmetic)
+    default         the shipped settings: channels-last, dedup, folded queries, micro-batches
+                    of 64 on a CPU (1024 rows for feature bags; whole chunks elsewhere)
     bf16            default + bfloat16 autocast (where the device supports it)
     fp16            default + float16 autocast and a gradient scaler (CUDA only)
     compile         default + torch.compile of the encoder (only when asked: slow to build)
@@ -98,11 +101,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "channels_last": {"dedup": False, "channels_last": True, "encoder_batch_size": CHUNK},
     "dedup": {"dedup": True, "channels_last": False, "encoder_batch_size": CHUNK},
     "micro_batch": {"dedup": False, "channels_last": False, "encoder_batch_size": BEST},
+    "fold_queries": {"dedup": False, "channels_last": False, "encoder_batch_size": CHUNK},
     "default": {"dedup": True, "channels_last": True},
     "bf16": {"dedup": True, "channels_last": True, "amp": "bf16"},
     "fp16": {"dedup": True, "channels_last": True, "amp": "fp16"},
     "compile": {"dedup": True, "channels_last": True, "compile": True},
 }
+for _name in ("reference", "channels_last", "dedup", "micro_batch"):  # keys of every patch
+    VARIANTS[_name]["fold_queries"] = False
 DEFAULT_VARIANTS = (
     "reference",
     "channels_last",
@@ -113,7 +119,15 @@ DEFAULT_VARIANTS = (
     "fp16",
 )
 # channels-last is a no-op for the features projector (no convolutions)
-FEATURE_VARIANTS = ("reference", "dedup", "micro_batch", "default", "bf16", "fp16")
+FEATURE_VARIANTS = (
+    "reference",
+    "dedup",
+    "micro_batch",
+    "fold_queries",
+    "default",
+    "bf16",
+    "fp16",
+)
 BATCH_SIZES = (16, 32, 64, 128, 256, 512, 1024)  # tried for the floor's best encoder batch
 SPEED_KEYS = ("measure", "variant", "seconds", "images_per_second", "peak_mb")
 
