@@ -265,12 +265,15 @@ def test_encoding_each_distinct_patch_once_gives_the_same_selection(tiny):
     assert torch.allclose(results[0].scores, results[1].scores, atol=1e-6)
 
 
+@pytest.mark.parametrize("collide", [False, True])
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
-def test_identical_groups_are_exact_and_keep_the_first_copy(dtype):
+def test_identical_groups_are_exact_and_keep_the_first_copy(dtype, collide):
     g = torch.Generator().manual_seed(0)
     base = torch.randint(0, 4, (7, 1, 2, 2), generator=g).to(dtype)  # few values: many repeats
     patches = base[torch.randint(0, 7, (40,), generator=g)]
-    first, inverse = identical_groups(patches)
+    # keys that collide for different patches must not merge them: the bytes decide
+    keys = torch.zeros(40, dtype=torch.int64) if collide else None
+    first, inverse = identical_groups(patches, keys)
     assert torch.equal(patches[first][inverse], patches)
     flat = patches.flatten(1)
     assert len(first) == len(torch.unique(flat, dim=0))

@@ -166,6 +166,7 @@ def embed_valid(
     *,
     batch_size: int | None = None,
     dedup: bool = False,
+    keys: Tensor | None = None,
 ) -> Tensor:
     """Encode only the real patches and place them in a padded (B, k, D) tensor.
 
@@ -175,12 +176,15 @@ def embed_valid(
         valid: (B, k) bool.
         batch_size: patches per encoder call; None encodes all at once.
         dedup: encode identical patches once (only exact in eval mode).
+        keys: (B, k) the patches' content keys, if known (they spare dedup its grouping
+            where no patch repeats).
 
     Returns:
         (B, k, D), zeros where padded.
     """
     if dedup:
-        emb = encode_distinct(encode, patches, batch_size)  # (n_valid, D)
+        known = None if keys is None else keys[valid.cpu()]
+        emb = encode_distinct(encode, patches, batch_size, known)  # (n_valid, D)
     else:
         emb = encode_batched(encode, patches, batch_size)  # (n_valid, D)
     if bool(valid.all()):
@@ -249,7 +253,7 @@ def select_patches(
 
     def embed(raw: Tensor, ids: Tensor, valid: Tensor, keys: Tensor | None) -> Candidates:
         raw = to_device(raw, device)
-        emb = embed_valid(encode, raw, valid, batch_size=encoder_batch_size, dedup=dedup)
+        emb = embed_valid(encode, raw, valid, batch_size=encoder_batch_size, dedup=dedup, keys=keys)
         if not isinstance(score, AttentionScore):
             return Candidates(emb, ids, valid, keys)
         # keep only the logits: a patch's are the same in every candidate set it joins
