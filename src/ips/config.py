@@ -244,8 +244,8 @@ class SelectionConfig:
 
     memory_size: int = 100  # M: patches kept after each iteration
     chunk_size: int = 100  # I: patches encoded and scored per iteration
-    encoder_batch_size: int | None = None  # (ours) patches per encoder call; None: 64 on CPUs,
-    # else I
+    encoder_batch_size: int | None = None  # (ours) patches per encoder call; None: 64 on CPUs
+    # (1024 rows for the features projector), else I
     loading: str = "lazy"  # (ours) "eager", "eager_sequential" or "lazy" (see ips.model)
     dedup: bool = True  # (ours) encode identical patches (e.g. blank background) once per chunk
     distinct: bool = True  # keep one copy of identical patches in memory. Measured
