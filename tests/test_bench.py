@@ -1,4 +1,5 @@
-"""The memory benchmark, `ips bench memory` and `ips make-slide`."""
+"""The memory and extraction benchmarks (`ips bench memory`, `ips bench extract`) and
+`ips make-slide`."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from ips.bench import (
     write_features,
 )
 from ips.cli import main
+from ips.model import IPSModel
 from ips.sources import open_source, write_synthetic_slide
 
 TINY_BENCH = dict(batch_size=2, memory_size=4, chunk_size=8, embed_dim=16, threads=1)
@@ -101,7 +103,8 @@ def test_memory_benchmark_runs_each_method_in_a_fresh_process_up_to_the_full_cap
     assert (records[1]["memory_size"], records[1]["chunk_size"]) == (20, 20)  # M >= N: no selection
 
 
-def test_one_training_step_over_a_generated_slide_is_measured(tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_one_training_step_over_a_generated_slide_is_measured(tmp_path, monkeypatch, checkpointing):
     slide = write_synthetic_slide(tmp_path / "s.tif", width=160, height=96, tile_size=16)
     case = MemoryCase(
         method="ips",
@@ -109,14 +112,32 @@ def test_one_training_step_over_a_generated_slide_is_measured(tmp_path):
         path=str(slide.path),
         num_patches=50,  # of the 10 x 6 grid of 16-pixel patches, the first 50
         patch_size=16,
+        encoder="small_cnn",
+        activation_checkpointing=checkpointing,
         **TINY_BENCH,
     )
+    asked = []
+    original = IPSModel.set_grad_checkpointing
+
+    def spy(model, enable=True):
+        asked.append((model.model_config.encoder, enable))
+        original(model, enable)
+
+    monkeypatch.setattr(IPSModel, "set_grad_checkpointing", spy)
     threads = torch.get_num_threads()
     try:  # in this process, for speed; the case sets the thread count
         record = run_memory_case(case)
     finally:
         torch.set_num_threads(threads)
-    _check_record(record, input="pixels", num_patches=50, patch_size=16)
+    assert asked == [("small_cnn", checkpointing)]
+    _check_record(
+        record,
+        input="pixels",
+        num_patches=50,
+        patch_size=16,
+        encoder="small_cnn",
+        activation_checkpointing=checkpointing,
+    )
 
 
 def test_a_measurement_past_its_timeout_is_reported_not_raised(tmp_path):
@@ -168,6 +189,10 @@ def test_make_slide_writes_a_slide_that_open_source_reads(tmp_path):
         (["bench", "memory", "--full-max", "-1"], "--full-max"),
         (["bench", "memory", "--slide", "no/such/slide.tif"], "--slide"),
         (["bench", "memory", "--slide", __file__, "--input", "features"], "--slide"),
+        (["bench", "memory", "--input", "pixels", "--encoder", "no_such_net"], "--encoder"),
+        (["bench", "extract", "--slide", "no/such/slide.svs"], "--slide"),
+        (["bench", "extract", "--size", "64", "64", "--patch-size", "128"], "--size"),
+        (["bench", "extract", "--size", "64", "64", "--patch-size", "0"], "--patch-size"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line_naming_the_option(tmp_path, capsys, argv, option):
@@ -182,3 +207,36 @@ def test_bad_arguments_exit_2_with_one_line_naming_the_option(tmp_path, capsys, 
 def test_bench_without_a_measurement_prints_help_and_exits_2(capsys):
     assert main(["bench"]) == 2
     assert "memory" in capsys.readouterr().out
+
+
+def test_bench_extract_measures_both_floors_and_the_pipeline_on_a_slide(tmp_path, capsys):
+    slide = write_synthetic_slide(tmp_path / "s.tif", width=128, height=96, tile_size=32)
+    tiles = len(open_source(slide.path, patch_size=32, tissue="otsu"))
+    out = tmp_path / "out"
+    argv = ["bench", "extract", "--slide", str(slide.path), "--encoder", "resnet18_2blocks"]
+    argv += ["--patch-size", "32", "--batch-sizes", "2", "4", "--workers", "0", "1"]
+    assert main([*argv, "--threads", "1", "--json", "--out", str(out), "-q"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert (out / "results.jsonl").read_text().splitlines() == [json.dumps(r) for r in records]
+    by = {(r["measure"], r.get("batch_size"), r.get("workers")): r for r in records}
+    assert {k for k in by if k[0] == "encode"} == {("encode", 2, None), ("encode", 4, None)}
+    summary = by[("summary", None, None)]
+    best = summary["best_batch_size"]
+    assert {k for k in by if k[0] != "encode"} == {
+        ("decode", best, 0),
+        ("decode", best, 1),
+        ("pipeline", best, 0),
+        ("pipeline", best, 1),
+        ("summary", None, None),
+    }
+    for r in records:
+        assert r["tiles"] == tiles > 0
+        if r["measure"] in ("decode", "pipeline"):  # every tile of the slide
+            assert r["timed_tiles"] == tiles
+            assert r["tiles_per_second"] == pytest.approx(tiles / r["seconds"], rel=0.02)
+    encode = max(by[("encode", b, None)]["tiles_per_second"] for b in (2, 4))
+    assert by[("encode", best, None)]["tiles_per_second"] == encode
+    decode = max(by[("decode", best, w)]["tiles_per_second"] for w in (0, 1))
+    pipeline = by[("pipeline", best, summary["best_workers"])]["tiles_per_second"]
+    assert summary["pipeline_over_floor"] == pytest.approx(pipeline / min(encode, decode), 0.01)
+    assert "pipeline / min(decode, encode)" in (out / "table.md").read_text()

@@ -103,6 +103,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     bench = _add_bench(sub)
     _add_bench_memory(bench)
     _add_bench_speed(bench)
+    _add_bench_extract(bench)
     return parser
 
 
@@ -817,6 +818,12 @@ def _add_bench_memory(bench: Any) -> None:
     p.add_argument(
         "--encoder-batch-size", type=int, help="patches per encoder call during selection"
     )
+    p.add_argument("--encoder", help="pixel encoder (default resnet18_2blocks; ips encoders)")
+    p.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute the encoder's activations in backward (train.activation_checkpointing)",
+    )
     p.add_argument("--tile-cache-mb", type=float, default=8.0, help="slide reader tile cache")
     p.add_argument("--timeout", type=float, help="seconds allowed per measurement")
     p.add_argument("--workdir", help="keep generated inputs here and reuse them")
@@ -826,7 +833,8 @@ def _add_bench_memory(bench: Any) -> None:
 
 def cmd_bench_memory(args: argparse.Namespace) -> int:
     from ips.bench import bench_memory, memory_table, plot_memory
-    from ips.bench.memory import POSITIVE_FIELDS
+    from ips.bench.memory import PIXEL_ENCODER, POSITIVE_FIELDS
+    from ips.encoders import list_encoders
 
     _check_positive(args, "num_patches", "encoder_batch_size", *POSITIVE_FIELDS)
     if args.full_max < 0:
@@ -842,6 +850,10 @@ def cmd_bench_memory(args: argparse.Namespace) -> int:
             raise ConfigError("--slide needs --input pixels")
         if args.num_patches is not None:
             raise ConfigError("--num-patches and --slide exclude each other (N = tissue patches)")
+    encoder = args.encoder or PIXEL_ENCODER
+    if args.input == "pixels" and encoder not in list_encoders():
+        known = ", ".join(list_encoders())
+        raise ConfigError(f"--encoder {encoder!r}: no such encoder (known: {known})")
     device = _device(args.device)
 
     def report(record: dict) -> None:
@@ -872,6 +884,8 @@ def cmd_bench_memory(args: argparse.Namespace) -> int:
         slide=args.slide,
         tissue=args.tissue,
         encoder_batch_size=args.encoder_batch_size,
+        encoder=encoder,
+        activation_checkpointing=args.activation_checkpointing,
         tile_cache_mb=args.tile_cache_mb,
         device=str(device),
         threads=args.threads,
@@ -1014,7 +1028,109 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCH_COMMANDS = {"memory": cmd_bench_memory, "speed": cmd_bench_speed}
+def _add_bench_extract(bench: Any) -> None:
+    """`ips bench extract`'s options."""
+    p = bench.add_parser(
+        "extract",
+        help="feature-extraction tiles/s against its decode and encode floors",
+        description="In one process: the encoder alone on resident tiles (each batch size), "
+        "the reader alone through extraction's DataLoader (each worker count), and "
+        "ips extract-features itself on the slide (each worker count), as tiles/s; the "
+        "pipeline over min(decode, encode).",
+        parents=_parents(device="cpu", json="print one JSON line per measurement"),
+    )
+    p.add_argument("--slide", help="the slide (default: a generated one of --size)")
+    p.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        default=(8192, 8192),
+        metavar=("W", "H"),
+        help="generated slide size in pixels (default 8192 8192)",
+    )
+    p.add_argument("--encoder", default="resnet50_4blocks", help="encoder (ips encoders)")
+    p.add_argument("--weights", help="none (untrained, the default), imagenet, hub or a file")
+    p.add_argument("--patch-size", type=int, default=256, help="P: tile side (default 256)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", help="encoder batch sizes to try")
+    p.add_argument("--workers", type=int, nargs="+", help="DataLoader worker counts to try")
+    p.add_argument(
+        "--amp", default="none", choices=["none", "bf16", "fp16"], help="encoder autocast"
+    )
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", help="folder for results.jsonl and table.md")
+
+
+def cmd_bench_extract(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import torch
+
+    from ips.bench.extraction import (
+        EXTRACT_BATCH_SIZES,
+        EXTRACT_WORKERS,
+        bench_extraction,
+        extraction_table,
+    )
+
+    _check_positive(args, "patch_size", "threads")
+    if min(args.size) < args.patch_size:
+        raise ConfigError(f"--size {args.size}: each side must be >= --patch-size")
+    if args.slide is not None and not Path(args.slide).exists():
+        raise MissingFileError(f"--slide {args.slide}: no such file")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = _device(args.device)
+
+    def report(record: dict) -> None:
+        if args.json:
+            print(json.dumps(record), flush=True)
+        if record["measure"] != "summary":
+            log.info(
+                "%s batch %s workers %s: %s tiles/s",
+                record["measure"],
+                record.get("batch_size", "-"),
+                record.get("workers", "-"),
+                record["tiles_per_second"],
+            )
+
+    with tempfile.TemporaryDirectory(prefix="ips-bench-extract-slide-") as tmp:
+        slide = args.slide
+        if slide is None:
+            from ips.sources import write_synthetic_slide
+
+            width, height = args.size
+            slide = Path(tmp) / f"generated_{width}x{height}.tif"
+            write_synthetic_slide(slide, width=width, height=height, seed=0)
+        records = bench_extraction(
+            slide,
+            encoder=args.encoder,
+            weights=None if args.weights in (None, "none") else args.weights,
+            patch_size=args.patch_size,
+            batch_sizes=args.batch_sizes or EXTRACT_BATCH_SIZES,
+            workers=args.workers if args.workers is not None else EXTRACT_WORKERS,
+            device=str(device),
+            amp=args.amp,
+            on_record=report,
+        )
+    table = extraction_table(records)
+    if not args.json:
+        print(table)
+    if args.out:
+        out = Path(args.out)
+        from ips.files import write_atomically
+
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomically(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        write_atomically(out / "table.md", table + "\n")
+        log.info("wrote %s and %s", out / "results.jsonl", out / "table.md")
+    return 0
+
+
+BENCH_COMMANDS = {
+    "memory": cmd_bench_memory,
+    "speed": cmd_bench_speed,
+    "extract": cmd_bench_extract,
+}
 
 COMMANDS = {
     "train": cmd_train,

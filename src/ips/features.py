@@ -275,7 +275,7 @@ def build_extractor(
 # ---- one slide --------------------------------------------------------------------------------
 
 
-class _TileBatches(Dataset):
+class TileBatches(Dataset):
     """Item k: uint8 (n, 3, P, P), the tiles [k * size, (k + 1) * size) of one slide."""
 
     def __init__(self, source: PatchSource, size: int) -> None:
@@ -331,7 +331,7 @@ def extract_slide(
         raise InputError(f"{slide}: {source.channels} channels; the encoders read RGB or grey")
     n, width = len(source), extractor.feature_dim
     loader = DataLoader(
-        _TileBatches(source, batch_size),
+        TileBatches(source, batch_size),
         batch_size=None,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",

@@ -144,6 +144,8 @@ class MemoryCase:
     feature_dim: int = 512  # F: feature width (features input)
     embed_dim: int = 128  # D: embedding width
     encoder_batch_size: int | None = None  # patches per encoder call during selection
+    encoder: str = PIXEL_ENCODER  # the pixel encoder (pixels input)
+    activation_checkpointing: bool = False  # recompute encoder activations in backward
     tile_cache_mb: float = 8.0  # decoded-tile cache of each slide reader
     tissue: str | None = None  # tissue filter of a user's slide ("otsu"); None: whole grid
     device: str = "cpu"  # where the model runs
@@ -202,8 +204,9 @@ def run_memory_case(case: MemoryCase) -> dict[str, Any]:
     if case.input == "features":
         model_args.update(encoder="features", feature_dim=case.feature_dim)
     else:
-        model_args.update(encoder=PIXEL_ENCODER, in_channels=3, patch_size=case.patch_size)
+        model_args.update(encoder=case.encoder, in_channels=3, patch_size=case.patch_size)
     model = create_model(**model_args).to(device).train()
+    model.set_grad_checkpointing(case.activation_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     images = [_open_image(case) for _ in range(case.batch_size)]
     for image in images:  # open the file handles (and a slide's tile index) before the baseline
@@ -303,6 +306,8 @@ def bench_memory(
     slide: str | os.PathLike | None = None,
     tissue: str = "otsu",
     encoder_batch_size: int | None = None,
+    encoder: str = PIXEL_ENCODER,
+    activation_checkpointing: bool = False,
     tile_cache_mb: float = 8.0,
     device: str = "cpu",
     threads: int | None = None,
@@ -327,6 +332,9 @@ def bench_memory(
         slide: a user's slide instead of generated ones; N is its number of tissue patches.
         tissue: tissue filter for `slide` ("otsu", a mask image or GeoJSON path).
         encoder_batch_size: patches per encoder call during selection; None: a whole chunk.
+        encoder: the pixel encoder (any registered name).
+        activation_checkpointing: recompute the encoder's activations in the backward pass
+            (``train.activation_checkpointing``).
         tile_cache_mb: decoded-tile cache of each slide reader.
         device: "cpu", "cuda", ...
         threads: torch CPU threads in each measuring process; None: torch's default.
@@ -357,6 +365,8 @@ def bench_memory(
         feature_dim=feature_dim,
         embed_dim=embed_dim,
         encoder_batch_size=encoder_batch_size,
+        encoder=encoder,
+        activation_checkpointing=activation_checkpointing,
         tile_cache_mb=tile_cache_mb,
         device=str(device),
         threads=threads,

@@ -145,21 +145,32 @@ class FeatureBag:
             raise IndexError(
                 f"{self.name}: patch ids must be in [0, {len(self)}), got {ids[bad][0]}"
             )
-        unique, inverse = np.unique(ids, return_inverse=True)  # increasing rows read once
-        rows = np.asarray(self._rows(unique), dtype=np.float32)
-        finite = np.isfinite(rows).all(axis=1)
-        if not finite.all():
-            first, more = int(unique[~finite][0]), int((~finite).sum()) - 1
+        if self._reads_any_order():
+            rows = np.asarray(self._rows(ids), dtype=np.float32)
+        else:  # increasing rows, each read once
+            unique, inverse = np.unique(ids, return_inverse=True)
+            rows = np.asarray(self._rows(unique), dtype=np.float32)[inverse]
+        # a float64 row sum is finite exactly when every float32 of the row is: one pass
+        if not np.isfinite(np.add.reduce(rows, axis=1, dtype=np.float64)).all():
+            finite = np.isfinite(rows).all(axis=1)
+            bad = np.unique(ids[~finite])
+            first, more = int(bad[0]), len(bad) - 1
             also = f", and {more} more of the rows read" if more else ""
             raise InputError(
                 f"{self.name}: features hold NaN or inf (patch {first}{also}); expected finite "
                 "numbers: re-extract this bag"
             )
-        return rows[inverse]
+        return rows
 
     def _rows(self, ids: np.ndarray) -> np.ndarray:
-        """Rows `ids` (increasing, unique) as stored."""
+        """Rows `ids` as stored: in any order where `_reads_any_order`, else increasing and
+        unique."""
         return self._features[ids]
+
+    def _reads_any_order(self) -> bool:
+        """Whether `_rows` takes ids in any order, repeats included (arrays in memory and
+        memory maps), so that nothing needs sorting first."""
+        return True
 
     def positions(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """(row, col) on the grid of the coords. Args: ids: (n,). Returns: (n, 2) int64."""
@@ -232,6 +243,9 @@ class H5FeatureBag(FeatureBag):
             h5py = import_h5py()
             self._handle, self._pid = h5py.File(self.path, "r"), os.getpid()
         return self._handle
+
+    def _reads_any_order(self) -> bool:
+        return self._offset is not None  # h5py reads increasing ids
 
     def _rows(self, ids: np.ndarray) -> np.ndarray:
         try:
