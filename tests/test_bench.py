@@ -233,7 +233,7 @@ def test_bench_extract_measures_both_floors_and_the_pipeline_on_a_slide(tmp_path
         assert r["tiles"] == tiles > 0
         if r["measure"] in ("decode", "pipeline"):  # every tile of the slide
             assert r["timed_tiles"] == tiles
-            assert r["tiles_per_second"] == pytest.approx(tiles / r["seconds"], rel=0.02)
+            assert r["tiles_per_second"] == pytest.approx(tiles / r["seconds"], rel=0.05)
     encode = max(by[("encode", b, None)]["tiles_per_second"] for b in (2, 4))
     assert by[("encode", best, None)]["tiles_per_second"] == encode
     decode = max(by[("decode", best, w)]["tiles_per_second"] for w in (0, 1))

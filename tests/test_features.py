@@ -335,5 +335,5 @@ def test_presets_extract_in_their_measured_cpu_batch_by_default():
 
     assert default_batch_size("uni", torch.device("cpu")) == 8
     assert default_batch_size("prov_gigapath", torch.device("cpu")) == 4
-    assert default_batch_size("resnet50_4blocks", torch.device("cpu")) == 64
+    assert default_batch_size("resnet50_4blocks", torch.device("cpu")) == 16
     assert default_batch_size("uni", torch.device("cuda")) == 64

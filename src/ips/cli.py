@@ -616,7 +616,7 @@ def _add_extract_features(sub: Any) -> None:
     p.add_argument(
         "--batch-size",
         type=int,
-        help="tiles per encoder call (default: a preset's fastest on a CPU, else 64)",
+        help="tiles per encoder call (default on a CPU: a preset's fastest, else 16; else 64)",
     )
     p.add_argument("--workers", type=int, default=0, help="DataLoader processes reading tiles")
     p.add_argument(

@@ -392,10 +392,14 @@ def extract_slide(
     return n
 
 
+CPU_TILE_BATCH = 16  # the ResNet trunks' fastest on 2 CPU cores (benchmarks/extraction.md)
+
+
 def default_batch_size(encoder: str, device: torch.device) -> int:
-    """Tiles per encoder call when none is given: a preset's fastest on a CPU, else 64."""
-    if device.type == "cpu" and encoder in PRESETS:
-        return PRESETS[encoder].cpu_batch_size
+    """Tiles per encoder call when none is given: on a CPU a preset's fastest, else
+    CPU_TILE_BATCH; 64 elsewhere."""
+    if device.type == "cpu":
+        return PRESETS[encoder].cpu_batch_size if encoder in PRESETS else CPU_TILE_BATCH
     return 64
 
 

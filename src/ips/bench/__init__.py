@@ -1,5 +1,6 @@
 """Measurements of IPS: peak memory against N (`memory`) and speed against the compute floor
-(`speed`), both on top of one resident-memory helper (`ips.rss`).
+(`speed`), both on top of one resident-memory helper (`ips.rss`), and feature extraction
+against its decode and encode floors (`ips.bench.extraction`, imported from there).
 
 The speed names are imported on first use (`__getattr__` below): `ips.bench.speed` pulls in
 `ips.train` (about 160 MiB of imports), and every memory measurement runs in a fresh process

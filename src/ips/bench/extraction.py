@@ -136,7 +136,7 @@ def _rate_record(measure: str, tiles: int, seconds: float, **fields: Any) -> dic
         "measure": measure,
         **fields,
         "timed_tiles": tiles,
-        "seconds": round(seconds, 3),
+        "seconds": round(seconds, 4),
         "tiles_per_second": round(tiles / seconds, 2),
     }
 
