@@ -897,11 +897,7 @@ def cmd_bench_memory(args: argparse.Namespace) -> int:
     if not args.json:
         print(memory_table(records))
     if args.out:
-        out = Path(args.out)
-        from ips.files import write_atomically
-
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomically(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        out = _write_records(args.out, records)
         plot_memory(records, out / "memory.png")
         log.info("wrote %s and %s", out / "results.jsonl", out / "memory.png")
     return 0
@@ -1018,13 +1014,7 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
     if not args.json:
         print(table)
     if args.out:
-        out = Path(args.out)
-        from ips.files import write_atomically
-
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomically(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-        write_atomically(out / "table.md", table)
-        log.info("wrote %s and %s", out / "results.jsonl", out / "table.md")
+        _write_records(args.out, records, table)
     return 0
 
 
@@ -1116,14 +1106,22 @@ def cmd_bench_extract(args: argparse.Namespace) -> int:
     if not args.json:
         print(table)
     if args.out:
-        out = Path(args.out)
-        from ips.files import write_atomically
-
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomically(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-        write_atomically(out / "table.md", table + "\n")
-        log.info("wrote %s and %s", out / "results.jsonl", out / "table.md")
+        _write_records(args.out, records, table + "\n")
     return 0
+
+
+def _write_records(folder: str, records: Sequence[dict], table: str | None = None) -> Path:
+    """Write a benchmark's records to FOLDER/results.jsonl (one JSON line each) and, when
+    given, its table to FOLDER/table.md, each atomically; returns the folder."""
+    from ips.files import write_atomically
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomically(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    if table is not None:
+        write_atomically(out / "table.md", table)
+        log.info("wrote %s and %s", out / "results.jsonl", out / "table.md")
+    return out
 
 
 BENCH_COMMANDS = {
