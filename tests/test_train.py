@@ -361,3 +361,86 @@ def test_a_run_logs_the_settings_unlike_the_reference_code(tiny_mnist, tmp_path,
         "settings unlike the reference code: selection.distinct=true (reference: false), "
         "train.batch_size=4 (reference: 16), train.warmup_epochs=0.5 (reference: 10.0)"
     ]
+
+
+def _parameters(checkpoint) -> dict[str, torch.Tensor]:
+    """The learned tensors of a checkpoint (BatchNorm's running statistics left out)."""
+    state = load_checkpoint(checkpoint)["model"]
+    return {k: v for k, v in state.items() if v.is_floating_point() and "running_" not in k}
+
+
+def test_init_from_starts_a_fresh_run_from_another_runs_weights(tiny_mnist, tmp_path):
+    fit(_config(tiny_mnist, "train.epochs=2", "train.lr=3e-3"), tmp_path / "a", progress=False)
+    start = _parameters(tmp_path / "a" / "last.pt")
+    # an almost zero learning rate: the weights stay where the run started
+    sets = ("train.epochs=1", "train.lr=1e-12")
+    init = f"train.init_from={tmp_path / 'a' / 'last.pt'}"
+    fit(_config(tiny_mnist, *sets, init), tmp_path / "b", progress=False)
+    fit(_config(tiny_mnist, *sets, "train.seed=5"), tmp_path / "c", progress=False)
+    b, c = _parameters(tmp_path / "b" / "last.pt"), _parameters(tmp_path / "c" / "last.pt")
+    assert all(torch.allclose(b[k], v, atol=1e-6) for k, v in start.items())
+    assert not all(torch.allclose(c[k], v, atol=1e-3) for k, v in start.items())
+    state = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert state["epoch"] == 1  # the epochs and the schedule start afresh
+    assert load_config(tmp_path / "b" / "config.yaml").train.init_from == str(
+        tmp_path / "a" / "last.pt"
+    )
+
+
+@pytest.fixture(scope="module")
+def wide_checkpoint(tiny_mnist, tmp_path_factory):
+    """A checkpoint of a model wider than `_config`'s."""
+    run = tmp_path_factory.mktemp("wide")
+    fit(_config(tiny_mnist, "train.epochs=1", "model.embed_dim=24"), run, progress=False)
+    return run / "last.pt"
+
+
+def _bad_source(kind: str, folder, wide):
+    if kind == "not-a-checkpoint":
+        (folder / "notes.pt").write_text("not a checkpoint")
+        return folder / "notes.pt", r"train\.init_from: .*notes\.pt"
+    if kind == "other-shapes":
+        return wide, r"train\.init_from: .*last\.pt: its weights do not fit .*has shape"
+    return folder / "nowhere.pt", r"train\.init_from: .*nowhere\.pt: checkpoint not found"
+
+
+@pytest.mark.parametrize("kind", ["missing", "not-a-checkpoint", "other-shapes"])
+def test_init_from_a_bad_checkpoint_is_named_and_the_run_folder_stays_empty(
+    tiny_mnist, wide_checkpoint, tmp_path, kind
+):
+    source, message = _bad_source(kind, tmp_path, wide_checkpoint)
+    config = _config(tiny_mnist, "train.epochs=1", f"train.init_from={source}")
+    with pytest.raises((FileNotFoundError, ValueError), match=message):
+        fit(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_the_full_size_mnist_recipe_continues_its_first_stage_and_evaluates(tiny_mnist, tmp_path):
+    """`megapixel_mnist_1500_cpu` starts from a `megapixel_mnist_cpu` run with 2-D positions:
+    the two configs build the same weights, and the second stage trains and evaluates."""
+    from ips.encoders import weights_mismatch
+    from ips.model import IPSModel
+    from ips.train import evaluation_settings
+
+    first = load_config("configs/megapixel_mnist_cpu.yaml", ["model.pos_enc=2d"])
+    second = load_config("configs/megapixel_mnist_1500_cpu.yaml")
+    torch.manual_seed(0)
+    a = IPSModel(first.model, first.selection).state_dict()
+    b = IPSModel(second.model, second.selection).state_dict()
+    assert weights_mismatch(b, a) is None
+
+    tiny = [*TINY_RUN, f"data.path={tiny_mnist}", "train.epochs=1"]
+    fit(
+        load_config("configs/megapixel_mnist_cpu.yaml", [*tiny, "model.pos_enc=2d"]),
+        tmp_path / "s1",
+    )
+    init = f"train.init_from={tmp_path / 's1' / 'last.pt'}"
+    fit(load_config("configs/megapixel_mnist_1500_cpu.yaml", [*tiny, init]), tmp_path / "s2")
+    metrics = evaluate_checkpoint(tmp_path / "s2" / "last.pt", split="test")
+    assert {"majority/accuracy", "max/accuracy", "top/accuracy", "multi/exact_match"} <= set(
+        metrics
+    )
+    settings = evaluation_settings(tmp_path / "s2" / "last.pt")
+    assert (settings["memory_size"], settings["chunk_size"]) == (6, 8)
+    assert settings["precision"] in ("none", "bf16")

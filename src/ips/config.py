@@ -389,6 +389,8 @@ class TrainConfig:
     sync_batchnorm: bool = False  # (ours) BatchNorm statistics over all processes (CUDA, several)
     activation_checkpointing: bool = False  # (ours) recompute encoder activations in backward;
     # a no-op for a frozen encoder and for features
+    init_from: str | None = None  # (ours) a checkpoint whose model weights start the run
+    # (fine-tuning, a curriculum); its optimizer, schedule and epoch are not used
 
     def __post_init__(self) -> None:
         _positive(self, "train", "epochs", "batch_size", "eval_every", "log_every", "accumulate")
@@ -410,6 +412,13 @@ class TrainConfig:
         if self.amp not in AMP_MODES:
             raise ConfigError(
                 f"train.amp must be 'auto', 'none', 'bf16' or 'fp16', got {self.amp!r}"
+            )
+        if self.init_from is not None and (
+            not isinstance(self.init_from, str) or not self.init_from.strip()
+        ):
+            raise ConfigError(
+                "train.init_from must be the path of a checkpoint (or null), got "
+                f"{self.init_from!r}"
             )
         if not 0 <= self.warmup_epochs < INT_LIMIT:  # counted in steps, an int64
             raise ConfigError(

@@ -760,7 +760,12 @@ def fit(
                 "over, delete the folder or train into another one"
             )
         state = _last_checkpoint(run_dir) if resume else None  # the exact point to go on from
-        run = _setup(config if state is None else _stored_config(state, config), run_dir, device)
+        run = _setup(
+            config if state is None else _stored_config(state, config),
+            run_dir,
+            device,
+            fresh=state is None,
+        )
         if state is not None:
             _restore(run, state, last)
         return _epochs(run, run_dir, device, progress=progress, max_epochs=max_epochs)
@@ -784,9 +789,10 @@ def _stored_config(state: Mapping[str, Any], given: Config) -> Config:
     return dataclasses.replace(stored, train=train)
 
 
-def _setup(config: Config, run_dir: Path, device: torch.device) -> Run:
-    """Check the recipe, open the data, build the model, optimizer and schedule; write the
-    resolved config once the data opened (a failed start leaves the folder as it was)."""
+def _setup(config: Config, run_dir: Path, device: torch.device, *, fresh: bool = True) -> Run:
+    """Check the recipe, open the data, build the model (a ``fresh`` run: with the weights of
+    ``train.init_from`` where set), optimizer and schedule; write the resolved config once the
+    data opened and the weights fit (a failed start leaves the folder as it was)."""
     ranks, cfg = distributed.current(), config.train
     distributed.micro_batch_size(cfg.batch_size, ranks.world_size, cfg.accumulate)
     if cfg.sync_batchnorm and ranks.world_size > 1 and device.type != "cuda":
@@ -801,7 +807,6 @@ def _setup(config: Config, run_dir: Path, device: torch.device) -> Run:
     config = dataclasses.replace(config, model=with_weights_normalization(config.model))
     train_set, val_set = build_dataset(config, "train"), build_validation(config)
     if ranks.is_main:
-        save_config(config, run_dir / "config.yaml")
         log.info(
             "data: %d training images, %s",
             len(train_set),
@@ -822,6 +827,10 @@ def _setup(config: Config, run_dir: Path, device: torch.device) -> Run:
         augment = build_augment(config.data.augment, channels=config.model.in_channels)
     torch.manual_seed(cfg.seed)
     model = IPSModel(config.model, config.selection).to(device)
+    if fresh and cfg.init_from is not None:
+        _initialise(model, Path(cfg.init_from))
+    if ranks.is_main:
+        save_config(config, run_dir / "config.yaml")
     model.set_grad_checkpointing(cfg.activation_checkpointing)
     if cfg.sync_batchnorm and ranks.world_size > 1:  # same parameters and buffers, synced
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -839,6 +848,32 @@ def _setup(config: Config, run_dir: Path, device: torch.device) -> Run:
         augment=augment,
         grid_shape=getattr(train_set, "grid_shape", None),
     )
+
+
+def _initialise(model: IPSModel, path: Path) -> None:
+    """Start from the model weights of another run's checkpoint (``train.init_from``); the
+    optimizer, schedule and epoch start afresh. A resumed run has its own weights already."""
+    try:
+        state = load_checkpoint(path)
+    except MissingFileError:
+        raise MissingFileError(f"train.init_from: {path}: checkpoint not found") from None
+    except InputError as err:
+        raise InputError(f"train.init_from: {err}") from None
+    if not isinstance(state, Mapping) or not isinstance(state.get("model"), Mapping):
+        raise InputError(f"train.init_from: {path}: not an ips checkpoint (no model weights)")
+    problem = weights_mismatch(model.state_dict(), dict(state["model"]))
+    if problem is not None:
+        raise InputError(
+            f"train.init_from: {path}: its weights do not fit this config's model: {problem}"
+        )
+    model.load_state_dict(state["model"])
+    if distributed.current().is_main:
+        log.info(
+            "weights from %s (epoch %s, %.0f s of training)",
+            path,
+            state.get("epoch", "?"),
+            float(state.get("elapsed", 0.0)),
+        )
 
 
 def _restore(run: Run, state: Mapping[str, Any], last: Path) -> None:
