@@ -135,6 +135,16 @@ CASES = [
     ),
     pytest.param(_train(data="@/nowhere.npz"), ["data.path", "nowhere.npz"], id="missing-data"),
     pytest.param(
+        _train("train.init_from=@/nowhere.pt"),
+        ["train.init_from", "nowhere.pt"],
+        id="missing-init-checkpoint",
+    ),
+    pytest.param(
+        _train("train.init_from=@/grey.pt"),
+        ["train.init_from", "grey.pt", "do not fit"],
+        id="init-checkpoint-of-another-model",
+    ),
+    pytest.param(
         _eval("mnist.pt", "--data", "@/nowhere.npz"), ["nowhere.npz"], id="missing-data-eval"
     ),
     # unreadable, corrupt or truncated files
