@@ -457,6 +457,15 @@ def save_checkpoint(
     return path
 
 
+def load_weights(model: nn.Module, weights: Any, failure: str) -> None:
+    """Load the state dict ``weights`` into ``model`` once it fits; otherwise raise
+    `InputError` with ``failure: <the first difference>``."""
+    problem = weights_mismatch(model.state_dict(), weights)
+    if problem is not None:
+        raise InputError(f"{failure}: {problem}")
+    model.load_state_dict(weights)
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
     """Read a checkpoint as data (``weights_only=True``: it never runs code from the file).
 
@@ -525,13 +534,12 @@ def load_model_and_config(
         raise InputError(f"{path}: incompatible checkpoint config ({err})") from None
     config = replace_fields(config, **overrides)
     model = IPSModel(dataclasses.replace(config.model, pretrained=False), config.selection)
-    problem = weights_mismatch(model.state_dict(), payload["model"])
-    if problem is not None:
-        raise InputError(
-            f"{path}: the weights do not fit the checkpoint's config "
-            f"(encoder {config.model.encoder!r}): {problem}"
-        )
-    model.load_state_dict(payload["model"])
+    load_weights(
+        model,
+        payload["model"],
+        f"{path}: the weights do not fit the checkpoint's config "
+        f"(encoder {config.model.encoder!r})",
+    )
     if isinstance(map_location, (str, torch.device)):
         model = model.to(map_location)
     return model, config

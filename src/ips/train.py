@@ -61,7 +61,7 @@ from ips.files import atomic_write
 from ips.guard import RunLock, StopSignals, WorkerSlots, describe_dead_worker
 from ips.heads import compute_loss
 from ips.metrics import MAIN_METRIC, MetricTracker, main_metric, selection_diagnostics
-from ips.model import IPSModel, load_checkpoint, save_checkpoint, weights_mismatch
+from ips.model import IPSModel, load_checkpoint, load_weights, save_checkpoint
 from ips.precision import autocast, precision_name, resolve_amp
 from ips.rss import max_rss_mb
 from ips.selection import eval_mode
@@ -855,18 +855,15 @@ def _initialise(model: IPSModel, path: Path) -> None:
     optimizer, schedule and epoch start afresh. A resumed run has its own weights already."""
     try:
         state = load_checkpoint(path)
-    except MissingFileError:
-        raise MissingFileError(f"train.init_from: {path}: checkpoint not found") from None
-    except InputError as err:
-        raise InputError(f"train.init_from: {err}") from None
-    if not isinstance(state, Mapping) or not isinstance(state.get("model"), Mapping):
+    except (MissingFileError, InputError) as err:  # one line naming the file
+        raise type(err)(f"train.init_from: {err}") from None
+    if not isinstance(state, Mapping) or "model" not in state:
         raise InputError(f"train.init_from: {path}: not an ips checkpoint (no model weights)")
-    problem = weights_mismatch(model.state_dict(), dict(state["model"]))
-    if problem is not None:
-        raise InputError(
-            f"train.init_from: {path}: its weights do not fit this config's model: {problem}"
-        )
-    model.load_state_dict(state["model"])
+    load_weights(
+        model,
+        state["model"],
+        f"train.init_from: {path}: its weights do not fit this config's model",
+    )
     if distributed.current().is_main:
         log.info(
             "weights from %s (epoch %s, %.0f s of training)",
@@ -879,10 +876,9 @@ def _initialise(model: IPSModel, path: Path) -> None:
 def _restore(run: Run, state: Mapping[str, Any], last: Path) -> None:
     """Weights, optimizer, schedule, epoch, best score and, for a checkpoint taken inside an
     epoch, how far that epoch got, from ``last.pt``."""
-    problem = weights_mismatch(run.model.state_dict(), state["model"])
-    if problem is not None:
-        raise InputError(f"{last}: cannot resume, its weights do not fit its own config: {problem}")
-    run.model.load_state_dict(state["model"])
+    load_weights(
+        run.model, state["model"], f"{last}: cannot resume, its weights do not fit its own config"
+    )
     try:
         run.optimizer.load_state_dict(state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
