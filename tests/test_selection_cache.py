@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
@@ -232,3 +233,83 @@ def test_every_patch_gets_its_logits_once_and_a_plain_call_gives_the_same_select
     assert sum(plain_calls) == 11 * (6 + 4) + (6 + 3)  # the memory again at each chunk
     _assert_same_selection(results[0], *results[1])
     _assert_same_observed(*seen)
+
+
+# ---- feature bags: every row encoded once in storage order, the random order visited over
+# their logits ---------------------------------------------------------------------------------
+
+LENGTHS = (45, 29, 3)  # several chunks, a short last one, and fewer patches than M
+
+
+def _write_bags(folder, patches: Tensor, kind: str) -> list:
+    """Bags of LENGTHS rows of ``patches`` (3, 45, F), their coords on the raster of GRID."""
+    from ips.data.feature_bags import FeatureBag, open_feature_bag
+
+    h5py = pytest.importorskip("h5py")
+    cols = GRID[1]
+    bags = []
+    for b, n in enumerate(LENGTHS):
+        rows = patches[b, :n].numpy()
+        ids = torch.arange(n).numpy()
+        coords = (np.stack([ids % cols, ids // cols], 1) * 16).astype(np.int64)
+        path = folder / f"bag_{b}.{kind}"
+        if kind == "h5":
+            with h5py.File(path, "w") as f:
+                f["features"], f["coords"] = rows, coords
+            bags.append(open_feature_bag(path))
+        elif kind == "npy":
+            np.save(path, rows)
+            bags.append(open_feature_bag(path))
+        else:
+            bags.append(FeatureBag(rows, coords, name=f"bag_{b}"))
+    return bags
+
+
+BAG_CASES = [
+    ("h5", "2d", True),
+    ("h5", "1d", False),
+    ("npy", "none", True),
+    ("npy", "1d", False),
+    ("memory", "2d", False),
+    ("memory", "none", True),
+]
+
+
+@pytest.mark.parametrize(("kind", "pos_enc", "distinct"), BAG_CASES)
+def test_bags_read_in_storage_order_select_exactly_what_rescoring_every_chunk_selects(
+    tmp_path, kind, pos_enc, distinct
+):
+    model = _model("features", pos_enc=pos_enc, distinct=distinct)
+    patches = _patches("features", 45)
+    mask = torch.arange(45) < torch.tensor(LENGTHS)[:, None]
+    bags = _write_bags(tmp_path, patches, kind)
+    assert all(bag.sequential_reads for bag in bags)
+    seen: list = []
+    got = model.select(
+        bags, generator=torch.Generator().manual_seed(4), observe=lambda *r: seen.append(r)
+    )
+    order = torch.randperm(45, generator=torch.Generator().manual_seed(4)).expand(3, -1)
+    ids, scores, valid, observed = _rescoring_reference(model, patches, mask, order, GRID)
+    _assert_same_selection(got, ids, scores, valid)
+    _assert_same_observed(seen, observed)  # the same candidate sets, in the same order
+
+
+def test_selection_reads_a_bag_once_in_consecutive_blocks_of_the_chunk_size():
+    from ips.data.feature_bags import FeatureBag
+
+    class Recording(FeatureBag):
+        def _rows(self, ids):
+            reads.append(ids)
+            return super()._rows(ids)
+
+    reads: list = []
+    features = torch.randn(45, 16, generator=torch.Generator().manual_seed(1)).numpy()
+    model = _model("features", pos_enc="1d", distinct=True)
+    got = model.select([Recording(features)], generator=torch.Generator().manual_seed(4))
+    assert all(isinstance(r, slice) for r in reads)  # contiguous reads, no scattered rows
+    assert [(r.start, r.stop) for r in reads] == [(s, min(s + I, 45)) for s in range(0, 45, I)]
+    # the same selection as a tensor of the same rows, visited chunk by chunk in random order
+    plain = model.select(
+        torch.from_numpy(features)[None], generator=torch.Generator().manual_seed(4)
+    )
+    _assert_same_selection(got, plain.ids, plain.scores, plain.mask)

@@ -75,7 +75,7 @@ class CountedBag(H5FeatureBag):
         super().__init__(path)
         self.counter = counter
 
-    def _rows(self, ids: np.ndarray) -> np.ndarray:
+    def _rows(self, ids: np.ndarray | slice) -> np.ndarray:
         start = time.perf_counter()
         rows = super()._rows(ids)
         self.counter.add(rows.nbytes, time.perf_counter() - start)
