@@ -250,7 +250,7 @@ def _write_bags(folder, patches: Tensor, kind: str) -> list:
     bags = []
     for b, n in enumerate(LENGTHS):
         rows = patches[b, :n].numpy()
-        ids = torch.arange(n).numpy()
+        ids = np.arange(n)
         coords = (np.stack([ids % cols, ids // cols], 1) * 16).astype(np.int64)
         path = folder / f"bag_{b}.{kind}"
         if kind == "h5":

@@ -392,6 +392,12 @@ def best_first(memory: Candidates, scores: Tensor) -> Selection:
     return Selection(ids, scores.masked_fill(~valid.to(scores.device), 0.0).cpu(), valid)
 
 
+def chunk_starts(num_patches: int, memory_size: int, chunk_size: int) -> list[int]:
+    """Where each chunk of I starts in a visiting order of N patches whose first M fill the
+    memory."""
+    return list(range(min(memory_size, num_patches), num_patches, chunk_size))
+
+
 class ChunkStream:
     """The patches of one visiting order, read and encoded: the first M, then chunks of I.
 
@@ -423,7 +429,7 @@ class ChunkStream:
         self.store, self.order, self.embed, self.keys = store, order, embed, keys
         self.M, self.I = memory_size, chunk_size
         N = store.num_patches
-        self.starts = list(range(min(self.M, N), N, self.I))
+        self.starts = chunk_starts(N, self.M, self.I)
         patches = store.patches
         self.lazy = not (isinstance(patches, Tensor) and patches.device == device)
         self.pool: ThreadPoolExecutor | None = None
@@ -528,7 +534,7 @@ class LogitVisits:
         return self.table.pick(self.order[:, : self.M])
 
     def __iter__(self) -> Iterator[Candidates]:
-        for start in range(min(self.M, self.order.shape[1]), self.order.shape[1], self.I):
+        for start in chunk_starts(self.order.shape[1], self.M, self.I):
             yield self.table.pick(self.order[:, start : start + self.I])
 
 
