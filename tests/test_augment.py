@@ -13,9 +13,12 @@ from ips.data.augment import (
     apply_symmetry,
     build_augment,
     hed_jitter,
+    shift_patches,
 )
 
-ALL_ON = AugmentConfig(flips=True, brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05, hed=0.05)
+ALL_ON = AugmentConfig(
+    flips=True, shift=2, brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05, hed=0.05
+)
 
 
 def random_patches(n: int, channels: int = 3, size: int = 6, seed: int = 0) -> torch.Tensor:
@@ -74,6 +77,52 @@ def test_flips_keep_the_multiset_of_pixel_values_of_each_patch():
     )
     assert torch.equal(out.flatten(1).sort(dim=1).values, patches.flatten(1).sort(dim=1).values)
     assert not torch.equal(out, patches)
+
+
+def reflect_crops(patch: torch.Tensor, s: int) -> dict[tuple[int, int], torch.Tensor]:
+    """Every (dy, dx) in [-s, s]^2 of a reflect-padded crop of one (C, H, W) patch."""
+    _, height, width = patch.shape
+    padded = torch.nn.functional.pad(patch[None].float(), (s, s, s, s), mode="reflect")[0]
+    return {
+        (dy, dx): padded[:, s + dy : s + dy + height, s + dx : s + dx + width].to(patch.dtype)
+        for dy in range(-s, s + 1)
+        for dx in range(-s, s + 1)
+    }
+
+
+def test_shift_patches_is_a_crop_of_torchs_reflect_padding_at_each_patchs_offset():
+    patches = random_patches(5, channels=2, size=7)[..., :6]  # (5, 2, 7, 6), not square
+    offsets = torch.tensor([[0, 0], [3, -2], [-3, 5], [5, 0], [-5, -5]])
+    out = shift_patches(patches, offsets)
+    assert out.shape == patches.shape and out.is_contiguous()
+    for patch, (dy, dx), result in zip(patches, offsets.tolist(), out, strict=True):
+        crops = reflect_crops(patch, 5)  # torch: padding < the side
+        assert torch.equal(result, crops[(dy, dx)])
+    assert torch.equal(out[0], patches[0])
+
+
+def test_shift_moves_each_patch_by_its_own_offset_within_the_range():
+    patches = random_patches(40, channels=1, size=9)
+    out = PatchAugment(AugmentConfig(shift=2), channels=1)(
+        patches, torch.Generator().manual_seed(0)
+    )
+    drawn = []
+    for patch, result in zip(patches, out, strict=True):
+        found = [k for k, crop in reflect_crops(patch, 2).items() if torch.equal(crop, result)]
+        assert len(found) == 1  # random pixels: the 25 crops all differ
+        drawn.append(found[0])
+    assert len(set(drawn)) >= 12  # 40 draws of 25 offsets
+    assert {dy for dy, _ in drawn} == {-2, -1, 0, 1, 2} == {dx for _, dx in drawn}
+
+
+def test_a_shift_as_large_as_the_patch_side_raises_naming_the_key():
+    augment = PatchAugment(AugmentConfig(shift=6), channels=3)
+    with pytest.raises(
+        ValueError, match=r"data\.augment\.shift must be smaller than the patch side 6"
+    ):
+        augment(random_patches(2, size=6))
+    with pytest.raises(ValueError, match=r"data\.augment\.shift must be >= 0"):
+        AugmentConfig(shift=-1)
 
 
 def test_brightness_scales_a_mid_grey_patch_by_a_factor_in_range_different_per_patch():

@@ -311,6 +311,8 @@ class AugmentConfig:
     evaluation see the patches as they are). All off by default."""
 
     flips: bool = False  # a random one of the 8 flips and 90-degree rotations per patch
+    shift: int = 0  # random translation of each patch's content by up to this many pixels
+    # per axis, the border mirrored (torchvision RandomCrop(P, padding=shift, "reflect"))
     brightness: float = 0.0  # colour jitter per patch (torchvision ColorJitter ranges): factor
     contrast: float = 0.0  # in [1 - x, 1 + x] for brightness, contrast and saturation,
     saturation: float = 0.0  # hue shift in [-hue, hue] (hue <= 0.5)
@@ -319,6 +321,8 @@ class AugmentConfig:
     # [1 - x, 1 + x] and shifted by [-x, x] after colour deconvolution (RGB patches only)
 
     def __post_init__(self) -> None:
+        if self.shift < 0:
+            raise ConfigError(f"data.augment.shift must be >= 0 pixels, got {self.shift}")
         for key in ("brightness", "contrast", "saturation", "hue", "hed"):
             value = getattr(self, key)
             if not (math.isfinite(value) and value >= 0):

@@ -10,6 +10,7 @@ P patch side.
 
     patches (n, C, P, P) uint8, any device
       -> flips           one of the 8 symmetries of the square per patch (exact, no resampling)
+      -> shift           content moved by up to `shift` pixels per axis, border mirrored
       -> brightness      torchvision ColorJitter ops, each patch its own factor,
       -> contrast        in this fixed order
       -> saturation      (RGB only)
@@ -72,6 +73,36 @@ def apply_symmetry(patches: Tensor, code: int) -> Tensor:
     return out.flip(-1) if code >= 4 else out
 
 
+def shift_patches(patches: Tensor, offsets: Tensor) -> Tensor:
+    """Move each patch's content by its own offset, the border mirrored.
+
+    Output pixel (y, x) of patch i is input pixel (y + dy_i, x + dx_i), where a coordinate
+    outside [0, P) is mirrored back without repeating the edge (-1 -> 1, P -> P - 2), as
+    ``torch.nn.functional.pad(mode="reflect")`` does; any dtype, no resampling.
+
+    Args:
+        patches: (n, C, H, W).
+        offsets: (n, 2) integers (dy, dx) on the patches' device, |dy| < H and |dx| < W.
+
+    Returns:
+        (n, C, H, W), a new contiguous tensor.
+    """
+    n, channels, height, width = patches.shape
+    device = patches.device
+
+    def mirrored(size: int, offset: Tensor) -> Tensor:  # (n,) -> (n, size) source coordinates
+        index = offset[:, None] + torch.arange(size, device=device)[None, :]  # (n, size)
+        index = index.abs()  # -k -> k
+        # size - 1 + k -> size - 1 - k
+        return torch.where(index >= size, 2 * (size - 1) - index, index)
+
+    rows = mirrored(height, offsets[:, 0])  # (n, H)
+    cols = mirrored(width, offsets[:, 1])  # (n, W)
+    i = torch.arange(n, device=device)[:, None, None, None]  # (n, 1, 1, 1)
+    c = torch.arange(channels, device=device)[None, :, None, None]  # (1, C, 1, 1)
+    return patches[i, c, rows[:, None, :, None], cols[:, None, None, :]].contiguous()
+
+
 def hed_jitter(patches: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
     """Scale and shift each stain's amount in the HED colour-deconvolution space.
 
@@ -116,13 +147,18 @@ def hed_jitter(patches: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
 
 
 class PatchAugment:
-    """Per-patch flips, colour jitter and H&E stain jitter for the kept patches of training.
+    """Per-patch flips, shifts, colour jitter and H&E stain jitter for the kept patches of
+    training.
 
-    Ops run in a fixed order: flips, brightness, contrast, saturation, hue, hed; an op whose
-    range is 0 is skipped and draws nothing. Brightness, contrast and saturation factors are
-    uniform in [max(0, 1 - x), 1 + x], the hue shift in [-hue, hue] (torchvision ColorJitter's
-    ranges, but a separate draw per patch and a fixed order instead of a random one); hed draws
-    alpha ~ U[1 - x, 1 + x] and beta ~ U[-x, x] per patch and stain (see ``hed_jitter``).
+    Ops run in a fixed order: flips, shift, brightness, contrast, saturation, hue, hed; an op
+    whose range is 0 is skipped and draws nothing. A shift draws the offsets (dy, dx) uniformly
+    from the integers in [-shift, shift] per patch; output pixel (y, x) is input pixel
+    (y + dy, x + dx), mirrored at the border without repeating the edge (torchvision's
+    ``RandomCrop(P, padding=shift, padding_mode="reflect")``, a draw per patch).
+    Brightness, contrast and saturation factors are uniform in [max(0, 1 - x), 1 + x], the hue
+    shift in [-hue, hue] (torchvision ColorJitter's ranges, but a separate draw per patch and a
+    fixed order instead of a random one); hed draws alpha ~ U[1 - x, 1 + x] and
+    beta ~ U[-x, x] per patch and stain (see ``hed_jitter``).
 
     Args:
         config: which augmentations, and how strong.
@@ -161,6 +197,10 @@ class PatchAugment:
             return out.clone()  # the caller's tensor is never handed back
         if self.config.flips:
             out = self._flip(out, torch.randint(8, (n,), generator=generator))
+        if self.config.shift > 0:
+            s = self.config.shift
+            offsets = torch.randint(-s, s + 1, (n, 2), generator=generator)  # (n, 2) dy, dx
+            out = shift_patches(out, offsets.to(out.device))
         for key, op in _COLOUR_OPS:
             x = getattr(self.config, key)
             if x > 0:
@@ -183,6 +223,11 @@ class PatchAugment:
             )
         if self.config.flips and patches.shape[-1] != patches.shape[-2]:
             raise InputError(f"flips need square patches (n, C, P, P), got {tuple(patches.shape)}")
+        if self.config.shift >= min(patches.shape[-2:]):
+            raise InputError(
+                f"data.augment.shift must be smaller than the patch side "
+                f"{min(patches.shape[-2:])} (a mirrored border), got {self.config.shift}"
+            )
         if generator is not None and generator.device.type != "cpu":
             raise InputError(f"generator must be a CPU torch.Generator, got {generator.device}")
 
