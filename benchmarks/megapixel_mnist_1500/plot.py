@@ -3,8 +3,10 @@
     python benchmarks/megapixel_mnist_1500/plot.py --out curve.png \
         "CPU recipe=runs/cpu/metrics.csv" "paper config=runs/paper/metrics.csv"
 
-Each argument is LABEL=metrics.csv of an `ips train` run folder. The dashed lines are the
-last-epoch test figures of a public GPU re-run of the official configuration (150 epochs).
+Each argument is LABEL=metrics.csv of an `ips train` run folder, or LABEL=a.csv+b.csv for a
+run in stages (b started from a's weights): b's training time is counted from the end of a's.
+The dashed lines are the last-epoch test figures of a public GPU re-run of the official
+configuration (150 epochs).
 """
 
 from __future__ import annotations
@@ -36,14 +38,18 @@ def read(path: Path) -> list[dict[str, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="LABEL=path/to/metrics.csv")
+    parser.add_argument("runs", nargs="+", help="LABEL=metrics.csv or LABEL=stage1.csv+stage2.csv")
     parser.add_argument("--out", required=True, help="the .png to write")
     args = parser.parse_args()
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.6), sharey=True)
     for run in args.runs:
-        label, path = run.split("=", 1)
-        rows = read(Path(path))
-        minutes = [r["elapsed_s"] / 60 for r in rows]
+        label, paths = run.split("=", 1)
+        rows, minutes, offset = [], [], 0.0
+        for path in paths.split("+"):
+            stage = read(Path(path))
+            rows += stage
+            minutes += [(offset + r["elapsed_s"]) / 60 for r in stage]
+            offset += stage[-1]["elapsed_s"]
         for ax, (column, _, _) in zip(axes, PANELS, strict=True):
             ax.plot(minutes, [r[column] for r in rows], marker=".", label=label)
     for ax, (_, title, anchor) in zip(axes, PANELS, strict=True):
