@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ips.aggregation import CrossAttentionPool, sinusoidal_1d, sinusoidal_2d
+from ips.aggregation import CrossAttentionPool, rows_times, sinusoidal_1d, sinusoidal_2d
 
 
 def _pool(**kw):
@@ -54,3 +54,33 @@ def test_sinusoidal_encodings():
     assert torch.equal(pe2[0, :4], pe2[1, :4]) and not torch.equal(pe2[0, 4:], pe2[1, 4:])
     with pytest.raises(ValueError, match="even"):
         sinusoidal_1d(torch.arange(3), 7)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_rows_logits_do_not_depend_on_the_rows_beside_it_or_their_number(threads):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        pool = CrossAttentionPool(embed_dim=128, num_heads=4, head_dim=32, num_queries=3)
+        x = torch.randn(2, 700, 128, generator=g).relu()
+        with torch.inference_mode():
+            whole = pool.logits(x)  # (2, 4, 3, 700)
+            for start, stop in [(0, 1), (5, 12), (64, 128), (3, 336), (100, 700), (699, 700)]:
+                part = pool.logits(x[:, start:stop])
+                assert torch.equal(part, whole[..., start:stop]), (start, stop)
+            # the plain product agrees to rounding, and its ragged shapes do not always
+            q = pool.attn._split(pool.attn.q_proj(pool._queries(2)))
+            w = pool.attn.k_proj.weight.view(4, 32, -1)
+            qk = (q / 32**0.5 @ w).reshape(2, 12, -1)
+            plain = (x @ qk.transpose(-2, -1)).transpose(-2, -1).view(2, 4, 3, -1)
+            torch.testing.assert_close(plain, whole)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_rows_times_is_the_matrix_product():
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(3, 130, 16, generator=g), torch.randn(3, 16, 5, generator=g)
+    torch.testing.assert_close(rows_times(x, w), x @ w)
+    assert rows_times(x[:, :0], w).shape == (3, 0, 5)

@@ -97,8 +97,23 @@ def test_every_hdf5_layout_reads_the_same_rows(tmp_path, layout, mapped):
     rows = bag.read(ids)
     assert rows.dtype == np.float32
     np.testing.assert_array_equal(rows, features[ids].astype(np.float32))
+    for run in (np.arange(3, 30), np.arange(37), np.arange(36, 37)):  # consecutive rows
+        np.testing.assert_array_equal(bag.read(run), features[run].astype(np.float32))
     assert bag._handle is None or not mapped  # the map needs no HDF5 handle
     bag.close()
+
+
+def test_consecutive_rows_of_a_contiguous_bag_are_read_without_a_memory_map(tmp_path, monkeypatch):
+    features = write_bag(tmp_path / "a.h5", 40)
+    bag = open_feature_bag(tmp_path / "a.h5")
+
+    def no_map(*args, **kwargs):
+        raise AssertionError("mapped")
+
+    monkeypatch.setattr(np, "memmap", no_map)
+    np.testing.assert_array_equal(bag.read(np.arange(8, 33)), features[8:33])
+    with pytest.raises(AssertionError, match="mapped"):  # scattered rows go through the map
+        bag.read(np.array([3, 1]))
 
 
 def test_a_mapped_bag_whose_file_shrank_is_a_read_error_naming_it(tmp_path):
@@ -109,6 +124,8 @@ def test_a_mapped_bag_whose_file_shrank_is_a_read_error_naming_it(tmp_path):
         f.truncate(bag._offset + 10 * F * 4)
     with pytest.raises(OSError, match=r"a\.h5: cannot read rows of 'features'"):
         bag.read([39])
+    with pytest.raises(OSError, match=r"a\.h5: cannot read rows of 'features' \(the file ends"):
+        bag.read(np.arange(5, 40))  # consecutive rows: one positioned read
 
 
 def test_bags_made_in_dataloader_workers_are_read_in_the_main_process(tmp_path):

@@ -313,3 +313,50 @@ def test_selection_reads_a_bag_once_in_consecutive_blocks_of_the_chunk_size():
         torch.from_numpy(features)[None], generator=torch.Generator().manual_seed(4)
     )
     _assert_same_selection(got, plain.ids, plain.scores, plain.mask)
+
+
+@pytest.mark.parametrize(
+    ("pos_enc", "padding", "distinct"),
+    [("1d", "mask", False), ("2d", "mask", True), ("2d", "bags", False), ("none", "none", True)],
+)
+def test_one_image_at_a_time_scores_each_micro_batch_and_selects_what_rescoring_selects(
+    tmp_path, pos_enc, padding, distinct
+):
+    # one image per selection: each encoder call's logits are taken at once, never the
+    # embeddings of a whole chunk; bags are read in storage order, tensors in visiting order
+    model = _model(
+        "features",
+        pos_enc=pos_enc,
+        distinct=distinct,
+        dedup=False,
+        encoder_batch_size=2,
+        loading="eager_sequential",
+    )
+    patches = torch.randn(3, 45, 16, generator=torch.Generator().manual_seed(6))
+    mask = None if padding == "none" else torch.arange(45) < torch.tensor(LENGTHS)[:, None]
+    inputs = _write_bags(tmp_path, patches, "h5") if padding == "bags" else patches
+    sizes: list[int] = []
+    pool_logits = model.pool.logits
+    model.pool.logits = lambda x: (sizes.append(x.shape[1]), pool_logits(x))[1]
+    got = model.select(
+        inputs,
+        mask if padding == "mask" else None,
+        grid_shape=GRID,
+        generator=torch.Generator().manual_seed(4),
+    )
+    # each real patch's logits came from its encoder call of 2 (calls over a chunk with no
+    # real patch aside)
+    real = sum(LENGTHS) if padding != "none" else 3 * 45
+    assert sum(s for s in sizes if s <= 2) == real
+    del model.pool.logits
+    g = torch.Generator().manual_seed(4)  # each image draws its own order, one after another
+    for b in range(3):
+        n = LENGTHS[b] if padding == "bags" else 45
+        order = torch.randperm(n, generator=g)[None]
+        image = patches[b : b + 1, :n]
+        image_mask = None if mask is None or padding == "bags" else mask[b : b + 1]
+        ids, scores, valid, _ = _rescoring_reference(model, image, image_mask, order, GRID)
+        k = ids.shape[1]
+        assert torch.equal(got.ids[b, :k], ids[0]) and torch.equal(got.mask[b, :k], valid[0])
+        _assert_close(got.scores[b, :k], scores[0])
+        assert not got.mask[b, k:].any()

@@ -12,6 +12,28 @@ from torch import Tensor, nn
 
 from ips.errors import InputError
 
+ROW_BLOCK = 64  # rows per block of `rows_times`
+
+
+def rows_times(x: Tensor, w: Tensor) -> Tensor:
+    """x (B, n, D) @ w (B, D, k) such that each row's result is the same whatever n and the
+    rows beside it: (B, n, k).
+
+    A CPU BLAS picks its kernel and its split of the work by the shape, and small or ragged
+    row counts take paths whose sums round differently (a row alone, or one of 7, differs
+    from the same row among 1024 in the last bit). Rows therefore go in whole blocks of
+    ROW_BLOCK, the last block padded with zero rows; the rows of such products matched bit
+    for bit at every count and offset tried, with one and two threads.
+    """
+    n = x.shape[-2]
+    whole = n - n % ROW_BLOCK
+    if whole == n:
+        return x @ w
+    # the ragged tail, padded to one block (a copy of fewer than ROW_BLOCK rows)
+    tail = nn.functional.pad(x[..., whole:, :], (0, 0, 0, ROW_BLOCK - (n - whole)))
+    last = (tail @ w)[..., : n - whole, :]
+    return torch.cat([x[..., :whole, :] @ w, last], dim=-2) if whole else last
+
 
 class CrossAttention(nn.Module):
     """Multi-head attention of T query tokens over N patch embeddings."""
@@ -52,8 +74,9 @@ class CrossAttention(nn.Module):
         # projection of H x D_k outputs (64x fewer multiply-adds for one task, D_k = 64)
         w = self.k_proj.weight.view(h, self.head_dim, -1)  # (H, D_k, D)
         qk = (q / math.sqrt(self.head_dim) @ w).reshape(b, h * t, -1)  # (B, H x T, D)
-        # patches as rows of the product: a row's bits do not depend on the rows beside it
-        return (x @ qk.transpose(-2, -1)).transpose(-2, -1).view(b, h, t, -1)  # (B, H, T, N)
+        # patches as rows of the product, in whole blocks of rows: a row's bits depend
+        # neither on the rows beside it nor on how many there are
+        return rows_times(x, qk.transpose(-2, -1)).transpose(-2, -1).view(b, h, t, -1)
 
     def weights(self, queries: Tensor, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Attention weights, softmax over the patches.

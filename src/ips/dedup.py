@@ -30,7 +30,8 @@ def content_keys(raw: Tensor, valid: Tensor) -> Tensor:
         (B, k) int64 on the CPU.
     """
     keys = torch.iinfo(torch.int64).min + torch.arange(valid.numel()).view(valid.shape)
-    keys[valid] = row_keys(raw.reshape(raw.shape[0], -1))
+    if raw.shape[0]:  # (a chunk may hold padding alone)
+        keys[valid] = row_keys(raw.flatten(1))
     return keys
 
 
@@ -109,7 +110,7 @@ def encode_batched(encode: Encode, patches: Tensor, batch_size: int | None = Non
     """Encode (n, ...) patches in micro-batches of ``batch_size``: (n, D)."""
     n = patches.shape[0]
     step = max(1, n if batch_size is None else batch_size)
-    parts = [encode(patches[i : i + step]) for i in range(0, n, step)]
+    parts = [encode(patches[i : i + step]) for i in range(0, n, step)] or [encode(patches)]
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 

@@ -314,7 +314,7 @@ class FeatureProjector(nn.Module):
         self.norm = nn.LayerNorm(feature_dim, elementwise_affine=False)
         self.proj = nn.Linear(feature_dim, embed_dim)
         self.bn = nn.BatchNorm1d(embed_dim)
-        self.act = nn.ReLU()
+        self.act = nn.ReLU(inplace=True)  # on the BatchNorm's output, which nothing else holds
         self.out_dim = embed_dim
 
     def forward(self, x: Tensor) -> Tensor:

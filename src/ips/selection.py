@@ -203,6 +203,47 @@ def embed_valid(
     return out
 
 
+def micro_batch_logits(
+    encode: Encode,
+    score: AttentionScore,
+    patches: Tensor,
+    ids: Tensor,
+    valid: Tensor,
+    batch_size: int | None,
+) -> Tensor:
+    """The logits of one image's patches, each micro-batch's taken as soon as it is encoded
+    (while its embeddings are in cache; the image's (k, D) embeddings are never assembled).
+
+    The same logits as encoding every patch first (`embed_valid`) and taking the logits of
+    the whole set: the micro-batches are the same, and a patch's logits do not depend on the
+    patches beside it (`ips.aggregation.rows_times`).
+
+    Args:
+        encode: maps (n, ...) patches to (n, D).
+        score: gives the logits (1, H, T, n) of embeddings (1, n, D) with ids (1, n).
+        patches: (n_valid, ...) the valid patches in k order.
+        ids: (1, k) their ids, on the encoder's device. valid: (1, k).
+        batch_size: patches per encoder call; None encodes all at once.
+
+    Returns:
+        (1, H, T, k); 0 where padded.
+    """
+    where = valid[0].to(ids.device).nonzero().squeeze(1)  # (n_valid,) positions of real ones
+    real = ids[0, where]
+    n = patches.shape[0]
+    step = max(1, n if batch_size is None else batch_size)
+    parts = [
+        score.logits(encode(patches[i : i + step]).unsqueeze(0), real[None, i : i + step])
+        for i in range(0, n, step)
+    ]
+    logits = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]  # (1, H, T, n_valid)
+    if n == ids.shape[1]:
+        return logits
+    out = logits.new_zeros(*logits.shape[:-1], ids.shape[1])
+    out[..., where] = logits
+    return out
+
+
 def select_patches(
     patches: Tensor | Sequence[Any],
     *,
@@ -262,6 +303,12 @@ def select_patches(
 
     def embed(raw: Tensor, ids: Tensor, valid: Tensor, keys: Tensor | None) -> Candidates:
         raw = to_device(raw, device)
+        one_image = ids.shape[0] == 1 and raw.shape[0] > 0
+        if isinstance(score, AttentionScore) and one_image and not dedup:
+            logits = micro_batch_logits(
+                encode, score, raw, ids.to(device), valid, encoder_batch_size
+            )
+            return Candidates(None, ids, valid, keys, logits)
         emb = embed_valid(encode, raw, valid, batch_size=encoder_batch_size, dedup=dedup, keys=keys)
         if not isinstance(score, AttentionScore):
             return Candidates(emb, ids, valid, keys)
