@@ -157,6 +157,14 @@ def test_non_finite_features_are_an_error_naming_the_file(tmp_path):
         model([dataset[0]["patches"]])
 
 
+def test_huge_finite_features_read_and_opposite_infinities_do_not(tmp_path):
+    big = np.full((6, F), 3e38, dtype=np.float32)  # finite, but their float32 sum overflows
+    np.testing.assert_array_equal(FeatureBag(big).read(np.arange(6)), big)
+    big[3, 1], big[5, 0] = np.inf, -np.inf  # +inf and -inf would sum to NaN
+    with pytest.raises(InputError, match=r"bag: features hold NaN or inf \(patch 3, and 1 more"):
+        FeatureBag(big).read(np.arange(6))
+
+
 def test_broken_bags_are_named_at_construction(tmp_path):
     write_bag(tmp_path / "ok.h5", 5)
     with h5py.File(tmp_path / "nocoords.h5", "w") as f:

@@ -158,8 +158,15 @@ class FeatureBag:
         else:  # increasing rows, each read once
             unique, inverse = np.unique(ids, return_inverse=True)
             rows = np.asarray(self._rows(unique), dtype=np.float32)[inverse]
-        # a float64 row sum is finite exactly when every float32 of the row is: one pass
-        if not np.isfinite(np.add.reduce(rows, axis=1, dtype=np.float64)).all():
+        # the float32 sum of all rows is finite only if every value is (one cheap pass); if
+        # it is not, a float64 row sum is finite exactly when every float32 of the row is (a
+        # float32 sum may also overflow)
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = rows.reshape(-1).sum()
+        if (
+            not np.isfinite(total)
+            and not np.isfinite(np.add.reduce(rows, axis=1, dtype=np.float64)).all()
+        ):
             finite = np.isfinite(rows).all(axis=1)
             bad = np.unique(ids[~finite])
             first, more = int(bad[0]), len(bad) - 1
