@@ -337,7 +337,7 @@ def test_one_image_at_a_time_scores_each_micro_batch_and_selects_what_rescoring_
     inputs = _write_bags(tmp_path, patches, "h5") if padding == "bags" else patches
     sizes: list[int] = []
     pool_logits = model.pool.logits
-    model.pool.logits = lambda x: (sizes.append(x.shape[1]), pool_logits(x))[1]
+    model.pool.logits = lambda x, *rest: (sizes.append(x.shape[1]), pool_logits(x, *rest))[1]
     got = model.select(
         inputs,
         mask if padding == "mask" else None,
@@ -360,3 +360,15 @@ def test_one_image_at_a_time_scores_each_micro_batch_and_selects_what_rescoring_
         assert torch.equal(got.ids[b, :k], ids[0]) and torch.equal(got.mask[b, :k], valid[0])
         _assert_close(got.scores[b, :k], scores[0])
         assert not got.mask[b, k:].any()
+
+
+def test_the_queries_are_folded_once_per_selection_not_once_per_chunk():
+    model = _model("features", pos_enc="none", distinct=False)
+    calls: list[int] = []
+    model.pool.attn.q_proj.register_forward_hook(lambda *_: calls.append(1))
+    patches = _patches("features", 45)
+    got = model.select(patches, generator=torch.Generator().manual_seed(4))
+    assert len(calls) == 1  # 45 patches in 9 encoder calls' chunks, the queries projected once
+    order = torch.randperm(45, generator=torch.Generator().manual_seed(4)).expand(3, -1)
+    ids, scores, valid, _ = _rescoring_reference(model, patches, None, order, None)
+    _assert_same_selection(got, ids, scores, valid)

@@ -65,28 +65,49 @@ class CrossAttention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, n, D_k)
 
-    def logits(self, queries: Tensor, x: Tensor) -> Tensor:
+    def folded(self, queries: Tensor) -> Tensor | None:
+        """The queries folded into the key projection, W_k^T q / sqrt(D_k): what a patch's
+        embedding is multiplied with for its logits, q . (W_k x) = (W_k^T q) . x.
+
+        Args:
+            queries: (B, T, D).
+
+        Returns:
+            (B, H x T, D); None where each patch's keys are computed instead (``fold_queries``
+            off, or T >= D_k, where folding saves nothing).
+        """
+        t = queries.shape[1]
+        if not self.fold_queries or t >= self.head_dim:
+            return None
+        q = self._split(self.q_proj(queries))  # (B, H, T, D_k)
+        b, h = q.shape[:2]
+        w = self.k_proj.weight.view(h, self.head_dim, -1)  # (H, D_k, D)
+        return (q / math.sqrt(self.head_dim) @ w).reshape(b, h * t, -1)
+
+    def logits(self, queries: Tensor, x: Tensor, folded: Tensor | None = None) -> Tensor:
         """Attention logits before the softmax; each patch's depend on that patch alone.
 
         Args:
             queries: (B, T, D).
             x: (B, N, D) patch embeddings.
+            folded: `folded` of the queries, (B or 1, H x T, D), if already known.
 
         Returns:
             (B, H, T, N).
         """
-        q = self._split(self.q_proj(queries))  # (B, H, T, D_k)
-        b, h, t, _ = q.shape
-        if not self.fold_queries or t >= self.head_dim:  # the keys of every patch
+        if folded is None:
+            folded = self.folded(queries)
+        b, t = x.shape[0], queries.shape[1]
+        if folded is None:  # the keys of every patch
+            q = self._split(self.q_proj(queries))  # (B, H, T, D_k)
             k = self._split(self.k_proj(x))  # (B, H, N, D_k)
             return q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, H, T, N)
-        # q . (W_k x) = (W_k^T q) . x: H x T products of width D per patch instead of a key
-        # projection of H x D_k outputs (64x fewer multiply-adds for one task, D_k = 64)
-        w = self.k_proj.weight.view(h, self.head_dim, -1)  # (H, D_k, D)
-        qk = (q / math.sqrt(self.head_dim) @ w).reshape(b, h * t, -1)  # (B, H x T, D)
-        # patches as rows of the product, in whole blocks of rows: a row's bits depend
-        # neither on the rows beside it nor on how many there are
-        return rows_times(x, qk.transpose(-2, -1)).transpose(-2, -1).view(b, h, t, -1)
+        # H x T products of width D per patch instead of a key projection of H x D_k outputs
+        # (64x fewer multiply-adds for one task, D_k = 64); patches as rows of the product, in
+        # whole blocks of rows: a row's bits depend neither on the rows beside it nor on how
+        # many there are
+        qk = folded.expand(b, -1, -1).transpose(-2, -1)  # (B, D, H x T)
+        return rows_times(x, qk).transpose(-2, -1).view(b, self.num_heads, t, -1)
 
     def weights(self, queries: Tensor, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Attention weights, softmax over the patches.
@@ -145,11 +166,19 @@ class CrossAttentionPool(nn.Module):
     def _queries(self, batch: int) -> Tensor:
         return self.queries.unsqueeze(0).expand(batch, -1, -1)  # (B, T, D)
 
-    def logits(self, x: Tensor) -> Tensor:
+    def folded_queries(self) -> Tensor | None:
+        """The learned queries folded into the key projection (`CrossAttention.folded`), in
+        float32: (1, H x T, D), the same for every image; None where they are not folded.
+        Computed once for a whole selection pass, where the weights do not change."""
+        with torch.autocast(device_type=self.queries.device.type, enabled=False):
+            return self.attn.folded(self.queries[None].float())
+
+    def logits(self, x: Tensor, folded: Tensor | None = None) -> Tensor:
         """Selection logits of every patch, in float32: what ``scores`` takes the softmax of.
 
         Args:
             x: (B, N, D) embeddings (positional encoding already added).
+            folded: ``folded_queries()``, if already computed.
 
         Returns:
             (B, H, T, N).
@@ -157,7 +186,9 @@ class CrossAttentionPool(nn.Module):
         # in float32 even under autocast: reduced precision makes near-equal scores tie, and
         # ties among many candidates turn the top-M choice into a lottery
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return self.attn.logits(self._queries(x.shape[0]).float(), x.float())
+            if folded is None:  # from the queries of one image: the same bits for any batch
+                folded = self.folded_queries()
+            return self.attn.logits(self._queries(x.shape[0]).float(), x.float(), folded)
 
     def scores(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Selection score of every patch: attention averaged over heads, then queries.

@@ -252,11 +252,13 @@ class IPSModel(nn.Module):
         patches, mask = self._place(patches, mask, device, sel.loading == "eager")
 
         def run(images: Tensor | Sequence[Any], image_mask: Tensor | None) -> Selection:
+            folded = self.pool.folded_queries()  # once: the weights stay fixed here
+
             def logits(emb: Tensor, ids: Tensor) -> Tensor:
                 # positions of `images`: one image at a time in eager_sequential mode
                 pos = self.positional(ids, self._positions(ids, grid_shape, images))
                 # added in float32: rounded to bf16 it shifts scores by ~0.2 % of their spread
-                return self.pool.logits(emb if pos is None else emb.float() + pos)
+                return self.pool.logits(emb if pos is None else emb.float() + pos, folded)
 
             return select_patches(
                 images,
