@@ -368,7 +368,7 @@ def test_the_queries_are_folded_once_per_selection_not_once_per_chunk():
     model.pool.attn.q_proj.register_forward_hook(lambda *_: calls.append(1))
     patches = _patches("features", 45)
     got = model.select(patches, generator=torch.Generator().manual_seed(4))
-    assert len(calls) == 1  # 45 patches in 9 encoder calls' chunks, the queries projected once
+    assert len(calls) == 1  # the memory and 8 chunks scored, the queries projected once
     order = torch.randperm(45, generator=torch.Generator().manual_seed(4)).expand(3, -1)
     ids, scores, valid, _ = _rescoring_reference(model, patches, None, order, None)
     _assert_same_selection(got, ids, scores, valid)
