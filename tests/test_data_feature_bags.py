@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import numpy as np
@@ -155,6 +156,23 @@ def test_non_finite_features_are_an_error_naming_the_file(tmp_path):
     model = bag_model()
     with pytest.raises(ValueError, match="bad.h5"):
         model([dataset[0]["patches"]])
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here")
+def test_bags_on_disk_ask_the_system_to_read_the_next_rows_ahead(tmp_path, monkeypatch):
+    advice: list = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, start, n, how: advice.append((start, n)))
+    write_bag(tmp_path / "a.h5", 40)
+    np.save(tmp_path / "b.npy", np.zeros((40, F), dtype=np.float32))
+    h5, npy = open_feature_bag(tmp_path / "a.h5"), open_feature_bag(tmp_path / "b.npy")
+    for bag, offset in ((h5, h5._offset), (npy, npy._map.offset)):
+        advice.clear()
+        bag.will_read(np.arange(8, 20))
+        assert advice == [(offset + 8 * F * 4, 12 * F * 4)]  # the rows' bytes in the file
+        bag.will_read(np.array([3, 1]))  # scattered rows: no hint
+        assert len(advice) == 1
+    FeatureBag(np.zeros((5, F), dtype=np.float32)).will_read(np.arange(5))  # in memory
+    assert len(advice) == 1
 
 
 def test_huge_finite_features_read_and_opposite_infinities_do_not(tmp_path):

@@ -302,12 +302,19 @@ def test_selection_reads_a_bag_once_in_consecutive_blocks_of_the_chunk_size():
             reads.append(ids)
             return super()._rows(ids)
 
+        def will_read(self, ids):
+            hints.append((int(ids[0]), int(ids[-1]) + 1, len(ids)))
+
     reads: list = []
+    hints: list = []
     features = torch.randn(45, 16, generator=torch.Generator().manual_seed(1)).numpy()
     model = _model("features", pos_enc="1d", distinct=True)
     got = model.select([Recording(features)], generator=torch.Generator().manual_seed(4))
     assert all(isinstance(r, slice) for r in reads)  # contiguous reads, no scattered rows
-    assert [(r.start, r.stop) for r in reads] == [(s, min(s + I, 45)) for s in range(0, 45, I)]
+    blocks = [(s, min(s + I, 45)) for s in range(0, 45, I)]
+    assert [(r.start, r.stop) for r in reads] == blocks
+    # each block after the first announced (one run of rows) while the one before is encoded
+    assert hints == [(a, b, b - a) for a, b in blocks[1:]]
     # the same selection as a tensor of the same rows, visited chunk by chunk in random order
     plain = model.select(
         torch.from_numpy(features)[None], generator=torch.Generator().manual_seed(4)

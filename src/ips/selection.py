@@ -129,6 +129,16 @@ class PatchStore:
         if int(self.lengths.min()) == 0:
             raise InputError("every image needs at least one patch, got an image with none")
 
+    def will_read(self, ids: Tensor) -> None:
+        """Tell the containers that take hints (``will_read``) that ids (B, k) come next."""
+        if isinstance(self.patches, Tensor):
+            return
+        valid = self.valid(ids)
+        for b, container in enumerate(self.patches):
+            wanted = ids[b][valid[b]]
+            if len(wanted) and hasattr(container, "will_read"):
+                container.will_read(wanted.numpy())
+
     def valid(self, ids: Tensor) -> Tensor:
         """(B, k) bool: which ids are real patches."""
         if self.mask is not None:
@@ -450,7 +460,9 @@ class ChunkStream:
 
     For lazy containers the next chunk is read in a background thread while the current one
     is encoded, as long as that keeps at most M + I raw patches resident (whenever I <= M);
-    otherwise it is read once the current chunk is encoded.
+    otherwise it is read once the current chunk is encoded. Without ``background`` every
+    chunk is read in the calling thread, and containers that take hints (``will_read``) are
+    told of the next one, so that the operating system can fetch it from disk meanwhile.
 
     Args:
         store: the batch's patches.
@@ -460,6 +472,7 @@ class ChunkStream:
             (n_valid, ...) of ids and validity (B, k).
         keys: also compute content keys (for ``distinct``).
         device: where encoding happens (patches already there are not prefetched).
+        background: read the next chunk in a background thread.
     """
 
     def __init__(
@@ -472,6 +485,7 @@ class ChunkStream:
         embed: Callable[[Tensor, Tensor, Tensor, Tensor | None], Candidates],
         keys: bool,
         device: torch.device,
+        background: bool = True,
     ):
         self.store, self.order, self.embed, self.keys = store, order, embed, keys
         self.M, self.I = memory_size, chunk_size
@@ -479,10 +493,11 @@ class ChunkStream:
         self.starts = chunk_starts(N, self.M, self.I)
         patches = store.patches
         self.lazy = not (isinstance(patches, Tensor) and patches.device == device)
+        self.background = background
         self.pool: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> ChunkStream:
-        if self.lazy:
+        if self.lazy and self.background:
             self.pool = ThreadPoolExecutor(max_workers=1)
         return self
 
@@ -500,7 +515,7 @@ class ChunkStream:
     def __iter__(self) -> Iterator[Candidates]:
         early = self.pool is not None and self.I <= self.M  # M + I raw patches at most
         for i in range(len(self.starts)):
-            raw, valid, keys = self._result(self._pending)
+            raw, valid, keys = self._result(i)
             more = i + 1 < len(self.starts)
             self._pending = self._fetch(i + 1) if early and more else None
             chunk = self.embed(raw, self._chunk_ids(i), valid, keys)  # (B, I, ...)
@@ -519,11 +534,20 @@ class ChunkStream:
         return raw, valid, content_keys(raw, valid) if self.keys else None
 
     def _fetch(self, i: int) -> Any:
+        """Start reading chunk i: in the background thread, else as a hint to the containers
+        (it is read when it is needed)."""
         ids = self._chunk_ids(i)
-        return self.pool.submit(self._load, ids) if self.pool is not None else self._load(ids)
+        if self.pool is not None:
+            return self.pool.submit(self._load, ids)
+        if self.lazy:
+            self.store.will_read(ids)
+        return None
 
-    def _result(self, pending: Any) -> tuple[Tensor, Tensor, Tensor | None]:
-        return pending.result() if self.pool is not None else pending
+    def _result(self, i: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Chunk i, read."""
+        if self._pending is not None:
+            return self._pending.result()
+        return self._load(self._chunk_ids(i))
 
 
 def reads_sequentially(store: PatchStore) -> bool:
@@ -543,8 +567,9 @@ def score_in_storage_order(
     keys: bool,
     device: torch.device,
 ) -> Candidates:
-    """Every patch read and encoded once, in blocks of ``block`` consecutive patches (the next
-    block read in the background while one is encoded), down to what ``embed`` keeps.
+    """Every patch read and encoded once, in blocks of ``block`` consecutive patches (each
+    read in this thread, the next one announced to the containers that take hints while one is
+    encoded), down to what ``embed`` keeps.
 
     Returns:
         Candidates (B, N): position n holds patch n (ids 0..N-1; valid False past an image's
@@ -552,7 +577,13 @@ def score_in_storage_order(
     """
     B, N = store.batch_size, store.num_patches
     rows = torch.arange(N).unsqueeze(0).expand(B, -1)  # (B, N) storage order
-    with ChunkStream(store, rows, block, block, embed=embed, keys=keys, device=device) as stream:
+    # read in this thread: a read of cached pages is a copy that, in a second thread, takes
+    # a core from the encoder (selection 7 % slower on 2 cores, benchmarks/features_speed.md);
+    # the operating system reads the next block ahead from disk instead
+    stream = ChunkStream(
+        store, rows, block, block, embed=embed, keys=keys, device=device, background=False
+    )
+    with stream:
         return Candidates.concat([stream.memory(), *stream])
 
 

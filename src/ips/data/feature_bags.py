@@ -177,6 +177,27 @@ class FeatureBag:
             )
         return rows
 
+    def will_read(self, ids: Sequence[int] | np.ndarray) -> None:
+        """A hint that patches ``ids`` (n,) are read next: bags on disk ask the operating
+        system to read their rows ahead (consecutive rows of a contiguous block); a no-op
+        otherwise."""
+        span = self._file_span(np.asarray(ids, dtype=np.int64).reshape(-1))
+        if span is not None and hasattr(os, "posix_fadvise"):
+            path, start, length = span
+            try:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, start, length, os.POSIX_FADV_WILLNEED)
+                finally:
+                    os.close(fd)
+            except OSError:  # only a hint: the read itself reports a missing file
+                pass
+
+    def _file_span(self, ids: np.ndarray) -> tuple[Path, int, int] | None:
+        """(file, byte offset, byte length) of rows ids (n,) if they are consecutive rows of
+        a block stored contiguously in a file; else None."""
+        return None
+
     def _rows(self, ids: np.ndarray | slice) -> np.ndarray:
         """Rows `ids` as stored, a new array: a slice of consecutive rows, or ids in any order
         where `_reads_any_order`, else increasing and unique ones."""
@@ -265,6 +286,9 @@ class H5FeatureBag(FeatureBag):
     def _reads_any_order(self) -> bool:
         return self._offset is not None  # h5py reads increasing ids
 
+    def _file_span(self, ids: np.ndarray) -> tuple[Path, int, int] | None:
+        return _span(self.path, self._offset, self._dtype.itemsize * self._shape[1], ids)
+
     def _rows(self, ids: np.ndarray | slice) -> np.ndarray:
         try:
             if self._offset is not None and isinstance(ids, slice):
@@ -325,11 +349,29 @@ class NpyFeatureBag(FeatureBag):
             self._map = _map_npy(self.path)
         return _own(self._map[ids], ids)
 
+    def _file_span(self, ids: np.ndarray) -> tuple[Path, int, int] | None:
+        mapped = self._map
+        if mapped is None or not mapped.flags.c_contiguous:
+            return None
+        return _span(self.path, mapped.offset, mapped.dtype.itemsize * self._shape[1], ids)
+
     def close(self) -> None:
         self._map = None  # unmapped once no row read from it is referenced
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_map": None}
+
+
+def _span(
+    path: Path, offset: int | None, row_bytes: int, ids: np.ndarray
+) -> tuple[Path, int, int] | None:
+    """(path, byte offset, byte length) of consecutive rows ids (n,) of a block of rows of
+    ``row_bytes`` each at byte ``offset`` of a file; None for other ids or no such block."""
+    if offset is None or len(ids) == 0:
+        return None
+    if len(ids) > 1 and not (ids[-1] - ids[0] == len(ids) - 1 and (np.diff(ids) == 1).all()):
+        return None
+    return path, offset + int(ids[0]) * row_bytes, len(ids) * row_bytes
 
 
 def read_block(
