@@ -244,8 +244,8 @@ class H5FeatureBag(FeatureBag):
     writes) are read without h5py: consecutive rows (what selection reads) with one positioned
     read of their bytes into a new array, scattered rows through a memory map of the block,
     opened for each read and closed after it. Neither leaves the rows read resident; the map
-    gives 2.6x the random rows per second of h5py's own reads, and the positioned read costs
-    no page faults (the file's pages are copied, not mapped). h5py's reads remain for every
+    gives 2.6x the random rows per second of h5py's own reads, and the positioned read is one
+    copy of the bytes, with no map to set up and tear down. h5py's reads remain for every
     other layout (benchmarks/features_speed.md).
 
     Args:
