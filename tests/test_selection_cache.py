@@ -379,3 +379,28 @@ def test_the_queries_are_folded_once_per_selection_not_once_per_chunk():
     order = torch.randperm(45, generator=torch.Generator().manual_seed(4)).expand(3, -1)
     ids, scores, valid, _ = _rescoring_reference(model, patches, None, order, None)
     _assert_same_selection(got, ids, scores, valid)
+
+
+def test_one_bag_read_block_after_block_reuses_one_buffer_and_selects_the_same(tmp_path):
+    from ips.data.feature_bags import H5FeatureBag
+
+    model = _model("features", pos_enc="2d", distinct=False, loading="eager_sequential")
+    patches = _patches("features", 45)
+    bag = _write_bags(tmp_path, patches, "h5")[0]  # 45 rows
+    assert isinstance(bag, H5FeatureBag)
+    buffers: list = []
+    read = bag.read
+
+    def recording(ids, out=None):
+        rows = read(ids, out=out)
+        buffers.append((out, rows))
+        return rows
+
+    bag.read = recording
+    got = model.select([bag], generator=torch.Generator().manual_seed(4))
+    first = buffers[0][1]
+    assert buffers[0][0] is None and len(buffers) == 9  # the memory's block, then 8 more
+    for out, rows in buffers[1:]:  # every later block read into the first block's array
+        assert out is first and np.shares_memory(rows, first)
+    plain = model.select(patches[:1], grid_shape=GRID, generator=torch.Generator().manual_seed(4))
+    _assert_same_selection(got, plain.ids, plain.scores, plain.mask)

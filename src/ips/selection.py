@@ -495,6 +495,11 @@ class ChunkStream:
         self.lazy = not (isinstance(patches, Tensor) and patches.device == device)
         self.background = background
         self.pool: ThreadPoolExecutor | None = None
+        # one image read block after block in this thread from a bag that reads consecutive
+        # rows into a given array: every block goes into the first one's buffer (each block
+        # is encoded, and no longer referenced, before the next is read)
+        self.reuse = not background and store.batch_size == 1 and reads_sequentially(store)
+        self._buffer: np.ndarray | None = None
 
     def __enter__(self) -> ChunkStream:
         if self.lazy and self.background:
@@ -530,7 +535,15 @@ class ChunkStream:
 
     def _load(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         valid = self.store.valid(ids)
-        raw = self.store.read(ids, valid)
+        wanted = ids[0][valid[0]] if self.reuse else None
+        if wanted is not None and len(wanted):
+            bag: Any = self.store.patches[0]
+            rows = bag.read(wanted.numpy(), out=self._buffer)
+            if self._buffer is None and rows.flags.c_contiguous and rows.flags.writeable:
+                self._buffer = rows
+            raw = torch.from_numpy(rows)
+        else:
+            raw = self.store.read(ids, valid)
         return raw, valid, content_keys(raw, valid) if self.keys else None
 
     def _fetch(self, i: int) -> Any:
@@ -552,7 +565,8 @@ class ChunkStream:
 
 def reads_sequentially(store: PatchStore) -> bool:
     """Whether every container of the batch reads much faster in storage order than scattered
-    (says ``sequential_reads``; feature bags do)."""
+    (says ``sequential_reads``; feature bags do). Such containers also take
+    ``read(ids, out=array)``, which may read consecutive rows into ``array``."""
     patches = store.patches
     if isinstance(patches, Tensor):
         return False

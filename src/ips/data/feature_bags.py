@@ -141,8 +141,18 @@ class FeatureBag:
         return max(1, math.ceil(far[0])), max(1, math.ceil(far[1]))
 
     # ---- reading ----------------------------------------------------------------------------
-    def read(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Features of patches. Args: ids: (n,) ints in [0, N). Returns: float32 (n, F)."""
+    def read(self, ids: Sequence[int] | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Features of patches.
+
+        Args:
+            ids: (n,) ints in [0, N).
+            out: a C-order float32 (n', F) array, n' >= n, that consecutive rows may be read
+                into (a caller reading block after block reuses one buffer; the rows come
+                back as a view of it); other reads ignore it.
+
+        Returns:
+            float32 (n, F).
+        """
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if len(ids) == 0:
             return np.zeros((0, self.feature_dim), dtype=np.float32)
@@ -152,7 +162,9 @@ class FeatureBag:
                 f"{self.name}: patch ids must be in [0, {len(self)}), got {ids[bad][0]}"
             )
         if len(ids) > 1 and ids[-1] - ids[0] == len(ids) - 1 and (np.diff(ids) == 1).all():
-            rows = np.asarray(self._rows(slice(int(ids[0]), int(ids[-1]) + 1)), np.float32)
+            run = slice(int(ids[0]), int(ids[-1]) + 1)
+            into = None if out is None else self._rows_into(run, out)
+            rows = into if into is not None else np.asarray(self._rows(run), np.float32)
         elif self._reads_any_order():
             rows = np.asarray(self._rows(ids), dtype=np.float32)
         else:  # increasing rows, each read once
@@ -196,6 +208,11 @@ class FeatureBag:
     def _file_span(self, ids: np.ndarray) -> tuple[Path, int, int] | None:
         """(file, byte offset, byte length) of rows ids (n,) if they are consecutive rows of
         a block stored contiguously in a file; else None."""
+        return None
+
+    def _rows_into(self, rows: slice, out: np.ndarray) -> np.ndarray | None:
+        """Consecutive rows read into the first rows of ``out`` (float32 (n', F)), returned as
+        a view of it; None where this bag cannot (then `_rows` reads them)."""
         return None
 
     def _rows(self, ids: np.ndarray | slice) -> np.ndarray:
@@ -289,6 +306,19 @@ class H5FeatureBag(FeatureBag):
     def _file_span(self, ids: np.ndarray) -> tuple[Path, int, int] | None:
         return _span(self.path, self._offset, self._dtype.itemsize * self._shape[1], ids)
 
+    def _rows_into(self, rows: slice, out: np.ndarray) -> np.ndarray | None:
+        start, stop, _ = rows.indices(self._shape[0])
+        fits = out.dtype == np.float32 and out.flags.c_contiguous and out.ndim == 2
+        fits = fits and out.shape[1] == self._shape[1] and out.shape[0] >= stop - start
+        if self._offset is None or self._dtype != np.float32 or not fits:
+            return None
+        try:
+            return read_block(self.path, self._offset, self._dtype, self._shape, rows, out=out)
+        except OSError as err:
+            raise OSError(
+                f"{self.path}: cannot read rows of 'features' ({_one_line(err)})"
+            ) from None
+
     def _rows(self, ids: np.ndarray | slice) -> np.ndarray:
         try:
             if self._offset is not None and isinstance(ids, slice):
@@ -375,16 +405,23 @@ def _span(
 
 
 def read_block(
-    path: Path, offset: int, dtype: np.dtype, shape: tuple[int, int], rows: slice
+    path: Path,
+    offset: int,
+    dtype: np.dtype,
+    shape: tuple[int, int],
+    rows: slice,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Rows ``rows`` of a C-order (N, F) array stored at byte ``offset`` of a file, read with
-    positioned reads into a new array (nothing mapped, nothing left resident).
+    positioned reads (nothing mapped, nothing left resident) into a new array, or into the
+    first rows of ``out`` (C-order, of ``dtype`` and width F), returned as a view of it.
 
     Raises:
         OSError: the file ends before the last row asked for.
     """
     start, stop, _ = rows.indices(shape[0])
-    out = np.empty((max(0, stop - start), shape[1]), dtype=dtype)
+    count = max(0, stop - start)
+    out = np.empty((count, shape[1]), dtype=dtype) if out is None else out[:count]
     view = memoryview(out).cast("B")
     with open(path, "rb", buffering=0) as f:
         f.seek(offset + start * shape[1] * dtype.itemsize)
