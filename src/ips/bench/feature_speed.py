@@ -81,6 +81,13 @@ class CountedBag(H5FeatureBag):
         self.counter.add(rows.nbytes, time.perf_counter() - start)
         return rows
 
+    def _rows_into(self, rows: slice, out: np.ndarray) -> np.ndarray | None:
+        start = time.perf_counter()
+        got = super()._rows_into(rows, out)
+        if got is not None:  # else `_rows` reads (and counts) them
+            self.counter.add(got.nbytes, time.perf_counter() - start)
+        return got
+
 
 @dataclasses.dataclass(frozen=True)
 class FeatureSpeedBatch:
