@@ -161,7 +161,7 @@ class FeatureBag:
             raise IndexError(
                 f"{self.name}: patch ids must be in [0, {len(self)}), got {ids[bad][0]}"
             )
-        if len(ids) > 1 and ids[-1] - ids[0] == len(ids) - 1 and (np.diff(ids) == 1).all():
+        if len(ids) > 1 and _consecutive(ids):
             run = slice(int(ids[0]), int(ids[-1]) + 1)
             into = None if out is None else self._rows_into(run, out)
             rows = into if into is not None else np.asarray(self._rows(run), np.float32)
@@ -315,9 +315,7 @@ class H5FeatureBag(FeatureBag):
         try:
             return read_block(self.path, self._offset, self._dtype, self._shape, rows, out=out)
         except OSError as err:
-            raise OSError(
-                f"{self.path}: cannot read rows of 'features' ({_one_line(err)})"
-            ) from None
+            raise self._read_failed(err) from None
 
     def _rows(self, ids: np.ndarray | slice) -> np.ndarray:
         try:
@@ -334,9 +332,11 @@ class H5FeatureBag(FeatureBag):
         except ValueError as err:  # a map past the end: the file shrank since it was opened
             raise OSError(f"{self.path}: cannot read rows of 'features' ({err})") from None
         except OSError as err:  # an OSError still: training's data.on_error: skip catches it
-            raise OSError(
-                f"{self.path}: cannot read rows of 'features' ({_one_line(err)})"
-            ) from None
+            raise self._read_failed(err) from None
+
+    def _read_failed(self, err: OSError) -> OSError:
+        """The error of a failed read of rows, naming the file."""
+        return OSError(f"{self.path}: cannot read rows of 'features' ({_one_line(err)})")
 
     def close(self) -> None:
         if self._handle is not None and self._pid == os.getpid():
@@ -392,14 +392,17 @@ class NpyFeatureBag(FeatureBag):
         return {**self.__dict__, "_map": None}
 
 
+def _consecutive(ids: np.ndarray) -> bool:
+    """Whether ids (n,) are consecutive increasing rows: one contiguous run of a bag."""
+    return bool(ids[-1] - ids[0] == len(ids) - 1 and (np.diff(ids) == 1).all())
+
+
 def _span(
     path: Path, offset: int | None, row_bytes: int, ids: np.ndarray
 ) -> tuple[Path, int, int] | None:
     """(path, byte offset, byte length) of consecutive rows ids (n,) of a block of rows of
     ``row_bytes`` each at byte ``offset`` of a file; None for other ids or no such block."""
-    if offset is None or len(ids) == 0:
-        return None
-    if len(ids) > 1 and not (ids[-1] - ids[0] == len(ids) - 1 and (np.diff(ids) == 1).all()):
+    if offset is None or len(ids) == 0 or not _consecutive(ids):
         return None
     return path, offset + int(ids[0]) * row_bytes, len(ids) * row_bytes
 
