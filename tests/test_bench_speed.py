@@ -170,6 +170,8 @@ def test_bench_speed_measures_floor_step_inference_and_baseline(mnist_batch):
     step = by["step", "default"]
     assert 0 < step["select_seconds"] < step["seconds"] * 5
     assert len(step["paired_step_over_floor"]) == 1  # one pair per repeat
+    ((floor_s, step_s),) = step["paired_seconds"]  # the pair's own runs give its ratio
+    assert step["paired_step_over_floor"][0] == pytest.approx(step_s / floor_s, abs=2e-3)
     assert summary["paired_step_over_floor"] == step["paired_step_over_floor"][0] > 0
     assert by["summary", "reference"]["paired_step_over_floor"] is None  # default only
     table = speed_table(records)

@@ -345,7 +345,7 @@ def _floor_run(
     valid: Tensor,
     targets: dict[str, Tensor],
 ) -> Callable[[], None]:
-    """One run of the fp32 floor, as a closure for `paired_ratios`."""
+    """One run of the fp32 floor, as a closure for `paired_seconds`."""
 
     def run() -> None:
         read_every_row(paths)

@@ -132,12 +132,12 @@ def _round(mb: float | None) -> float | None:
     return None if mb is None else round(mb, 1)
 
 
-def paired_ratios(
+def paired_seconds(
     step: Callable[[], Any], floor: Callable[[], Any], repeats: int, device: torch.device
-) -> list[float]:
-    """step / floor of ``repeats`` back-to-back pairs of runs. A slow spell of a shared
-    machine then lands on both halves of a pair, so the median of these ratios is steadier
-    than the ratio of medians measured minutes apart."""
+) -> list[tuple[float, float]]:
+    """(floor s, step s) of ``repeats`` back-to-back pairs of runs. A slow spell of a shared
+    machine then lands on both halves of a pair, so the median of the pairs' step / floor is
+    steadier than the ratio of medians measured minutes apart."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
 
     def timed(fn: Callable[[], Any]) -> float:
@@ -146,11 +146,11 @@ def paired_ratios(
         sync(device)
         return time.perf_counter() - start
 
-    ratios = []
+    pairs = []
     for _ in range(repeats):
         f = timed(floor)
-        ratios.append(timed(step) / f)
-    return ratios
+        pairs.append((f, timed(step)))
+    return pairs
 
 
 def encode_all(encoder: nn.Module, x: Tensor, batch_size: int, amp: str = "none") -> None:

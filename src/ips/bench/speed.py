@@ -80,7 +80,7 @@ from ips.bench.measuring import (
     best_batch_size,
     encode_all,
     floor_record,
-    paired_ratios,
+    paired_seconds,
     random_target,
 )
 from ips.config import Config, TrainConfig, replace_fields
@@ -331,7 +331,7 @@ def _floor_run(
     encoder: nn.Module, x: Tensor, xk: Tensor, batch_size: int, device: torch.device
 ) -> Callable[[], None]:
     """One run of the fp32 floor (distinct patches without gradients at ``batch_size``, then
-    the gradient pass over the kept ones), as a closure for `paired_ratios`."""
+    the gradient pass over the kept ones), as a closure for `paired_seconds`."""
 
     def run() -> None:
         encoder.eval()
@@ -434,8 +434,9 @@ def bench_speed(
         "infer", "full", "summary"), variant, seconds (median), images_per_second, peak_mb;
         measurements add peak_rss_mb; summary records add the ratios step / floor and
         full / step. For the "default" variant the step record adds ``select_seconds`` (its
-        selection alone) and ``paired_step_over_floor`` (step / floor of back-to-back pairs
-        of runs), whose median its summary carries. Feature records add feature_dim,
+        selection alone), ``paired_step_over_floor`` (step / floor of back-to-back pairs of
+        runs), whose median its summary carries, and ``paired_seconds`` ([floor s, step s]
+        of each pair). Feature records add feature_dim,
         embed_dim, loading, and per measurement ``bytes_read`` and ``read_seconds`` (per
         run; see `ips.bench.feature_speed` for the floor's parts).
     """
@@ -582,9 +583,11 @@ def _measure_variants(
         if name == "default":
             split["select_seconds"] = round(meter(_selection, model, batch, seed).seconds, 4)
             one_step = functools.partial(training_step, model, optimizer, batch, amp=amp, seed=seed)
-            ratios = paired_ratios(one_step, floors.fp32_run, repeats, device)
+            pairs = paired_seconds(one_step, floors.fp32_run, repeats, device)
+            ratios = [step_s / floor_s for floor_s, step_s in pairs]
             paired[name] = statistics.median(ratios)
             split["paired_step_over_floor"] = [round(r, 3) for r in ratios]
+            split["paired_seconds"] = [[round(f, 6), round(s, 6)] for f, s in pairs]
         emit(
             {
                 "measure": "step",
