@@ -342,3 +342,20 @@ def test_the_benchmark_reads_rows_with_the_same_feature_file_class():
     import ips.bench
 
     assert ips.bench.FeatureFile is FeatureFile
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("writeable", [True, False])
+def test_the_finiteness_pass_sees_any_non_finite_value_in_either_kind_of_array(bad, writeable):
+    from ips.data.feature_bags import _sum_is_finite
+
+    rows = np.random.default_rng(0).standard_normal((300, 24)).astype(np.float32)
+    rows.flags.writeable = writeable  # torch sums writeable arrays, numpy the others
+    assert _sum_is_finite(rows)
+    spoilt = rows.copy()
+    spoilt[217, 5] = bad
+    spoilt.flags.writeable = writeable
+    assert not _sum_is_finite(spoilt)
+    huge = np.full((8, 8), 3e38, dtype=np.float32)  # finite values, an overflowing sum:
+    assert not _sum_is_finite(huge)  # `read` then checks each row in float64
+    assert FeatureBag(huge).read(np.arange(8)).shape == (8, 8)
