@@ -50,6 +50,7 @@ def test_yaml_with_overrides(tmp_path):
         ("model:\n  tasks: {a: {kind: regression}}\n", "tasks.a.kind"),
         ("model:\n  normalize_mean: [0.5, 0.5]\n", "model.normalize_mean"),
         ("model:\n  shuffle: true\n", "model.shuffle"),
+        ("model:\n  encoder_grid: 0\n", "model.encoder_grid"),
         ("data:\n  val_fraction: 1.5\n", "data.val_fraction"),
     ],
 )

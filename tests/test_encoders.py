@@ -328,3 +328,26 @@ def test_every_preset_normalises_as_its_registry_entry_says(name):
     )
     assert config.normalize_mean == PRESETS[name].mean
     assert config.normalize_std == PRESETS[name].std
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "strided_cnn", "resnet18_2blocks"])
+def test_a_pooling_grid_keeps_each_cell_of_the_feature_map(name):
+    """encoder_grid 2: the (n, width, 6, 6) map becomes its four 3 x 3 cell means, flattened
+    channel-major and projected; swapping the top and bottom halves changes the embedding."""
+    torch.manual_seed(0)
+    encoder = create_encoder(name, in_channels=1, embed_dim=24, grid=2).eval()
+    x = torch.rand(3, 1, 48, 48)
+    maps = encoder.forward_features(x)
+    n, width, h, w = maps.shape
+    cells = maps.reshape(n, width, 2, h // 2, 2, w // 2).mean(dim=(3, 5)).reshape(n, -1)
+    assert encoder.proj.in_features == 4 * width
+    assert torch.allclose(encoder(x), encoder.proj(cells), atol=1e-5)
+    swapped = cells.view(n, width, 2, 2).flip(2).reshape(n, -1)
+    assert not torch.allclose(encoder.proj(swapped), encoder(x), atol=1e-3)
+
+
+def test_a_pooling_grid_is_refused_where_the_encoder_pools_globally():
+    with pytest.raises(ValueError, match=r"model\.encoder_grid: features pools globally"):
+        create_encoder("features", embed_dim=24, feature_dim=10, grid=2)
+    with pytest.raises(ValueError, match=r"model\.encoder_grid must be >= 1, got 0"):
+        create_encoder("small_cnn", in_channels=1, embed_dim=24, grid=0)

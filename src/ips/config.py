@@ -173,6 +173,9 @@ class ModelConfig:
 
     encoder: str = "resnet18_2blocks"  # registered patch encoder (see ips.encoders)
     pretrained: bool | str = False  # True: torchvision weights; a path: a local state dict
+    encoder_grid: int = 1  # (ours) g: the encoder's last feature map is average-pooled to g x g
+    # cells, flattened and projected to D. 1 is the reference's global average; g > 1 keeps where
+    # inside a patch features lie (our CNNs and the ResNet trunks)
     in_channels: int = 1  # C: channels of a pixel patch
     patch_size: int = 50  # P: side of a pixel patch
     feature_dim: int | None = None  # F: width of precomputed features (encoder "features")
@@ -197,6 +200,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "model", "in_channels", "patch_size", "embed_dim", "num_heads")
+        _positive(self, "model", "encoder_grid")
         _positive(self, "model", "head_dim", "mlp_dim")
         if self.num_queries is not None and self.num_queries != len(self.tasks):
             raise ConfigError(

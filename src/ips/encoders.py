@@ -31,6 +31,7 @@ EncoderBuilder = Callable[..., nn.Module]
 Normalization = tuple[tuple[float, ...], tuple[float, ...]]  # per-channel (mean, std)
 _ENCODERS: dict[str, EncoderBuilder] = {}
 _NORMALIZATION: dict[str, Normalization] = {}
+_GRID_ENCODERS: set[str] = {"small_cnn", "strided_cnn"}  # take model.encoder_grid > 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TIMM_PREFIX = "timm:"  # model.encoder "timm:<name>": any timm model
@@ -115,6 +116,7 @@ def create_encoder(
     embed_dim: int = 512,
     pretrained: bool | str = False,
     feature_dim: int | None = None,
+    grid: int = 1,
 ) -> nn.Module:
     """Build a registered patch encoder.
 
@@ -125,6 +127,9 @@ def create_encoder(
         pretrained: False, True (torchvision's ImageNet weights, downloaded once), or the path
             of a local state dict for the trunk.
         feature_dim: F, input width of the ``features`` encoder.
+        grid: g, the side of the grid the last feature map is average-pooled to (flattened,
+            then projected to D); 1 is global average pooling. Our CNNs and the ResNet trunks
+            take any g; other encoders only 1.
     """
     if name.startswith(TIMM_PREFIX):
         _rgb(name, in_channels)
@@ -136,8 +141,22 @@ def create_encoder(
             f"model.encoder: unknown encoder {name!r}; expected one of {list_encoders()} "
             f"or '{TIMM_PREFIX}<any timm model>'"
         )
+    if grid < 1:
+        raise InputError(f"model.encoder_grid must be >= 1, got {grid}")
+    if grid == 1:
+        return _ENCODERS[name](
+            in_channels=in_channels,
+            embed_dim=embed_dim,
+            pretrained=pretrained,
+            feature_dim=feature_dim,
+        )
+    if name not in _GRID_ENCODERS:
+        raise InputError(
+            f"model.encoder_grid: {name} pools globally (grid 1); a grid of {grid} x {grid} "
+            f"needs one of {sorted(_GRID_ENCODERS)}"
+        )
     return _ENCODERS[name](
-        in_channels=in_channels, embed_dim=embed_dim, pretrained=pretrained, feature_dim=feature_dim
+        in_channels=in_channels, embed_dim=embed_dim, pretrained=pretrained, grid=grid
     )
 
 
@@ -190,17 +209,19 @@ def _buffers_kept(module: nn.Module) -> Iterator[None]:
 
 
 class ResNetTrunk(nn.Module):
-    """The first stages of a torchvision ResNet, global average pooling, optional projection.
+    """The first stages of a torchvision ResNet, average pooling, optional projection.
 
-    Input (n, C, P, P), output (n, D).
+    ``grid`` g: the last feature map is average-pooled to g x g cells and flattened (1: global
+    average pooling). Input (n, C, P, P), output (n, D).
     """
 
-    def __init__(self, resnet: Any, *, blocks: int, out_width: int, embed_dim: int):
+    def __init__(self, resnet: Any, *, blocks: int, out_width: int, embed_dim: int, grid: int = 1):
         super().__init__()
         layers = ["layer1", "layer2", "layer3", "layer4"][:blocks]
         self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
         self.stages = nn.Sequential(*(getattr(resnet, name) for name in layers))
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = nn.AdaptiveAvgPool2d(grid)
+        out_width *= grid * grid
         self.proj = nn.Linear(out_width, embed_dim) if out_width != embed_dim else nn.Identity()
         self.out_dim = embed_dim
         self.grad_checkpointing = False
@@ -229,17 +250,18 @@ class SmallConvNet(nn.Module):
     """A small convolutional encoder for small single-object patches (digits, glyphs, cells).
 
     Four stages of ``Conv2d 3 x 3 -> BatchNorm -> ReLU``, the first three followed by 2 x 2
-    max pooling, then global average pooling and an optional projection. Widths 16, 32, 64
-    and 128. On 50 x 50 patches it costs ~8.5 M multiply-adds per patch, about a sixth of the
-    ResNet-18 two-stage trunk (~53 M), and its first convolution keeps full resolution (the
-    ResNet stem halves it twice), which suits strokes a few pixels wide.
+    max pooling, then average pooling to ``grid`` x ``grid`` cells (1: global average pooling;
+    more keeps where inside the patch features lie), flattened, and an optional projection.
+    Widths 16, 32, 64 and 128. On 50 x 50 patches it costs ~8.5 M multiply-adds per patch,
+    about a sixth of the ResNet-18 two-stage trunk (~53 M), and its first convolution keeps
+    full resolution (the ResNet stem halves it twice), which suits strokes a few pixels wide.
 
     Input (n, C, P, P) with P >= 8, output (n, D).
     """
 
     widths = (16, 32, 64, 128)
 
-    def __init__(self, *, in_channels: int, embed_dim: int):
+    def __init__(self, *, in_channels: int, embed_dim: int, grid: int = 1):
         super().__init__()
         layers: list[nn.Module] = []
         ends = []  # where each stage ends in `body` (one flat Sequential: stable weight names)
@@ -249,8 +271,8 @@ class SmallConvNet(nn.Module):
         self.body = nn.Sequential(*layers)
         self.stage_ends = tuple(ends)
         self.grad_checkpointing = False
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        out_width = self.widths[-1]
+        self.pool = nn.AdaptiveAvgPool2d(grid)
+        out_width = self.widths[-1] * grid * grid
         self.proj = nn.Linear(out_width, embed_dim) if out_width != embed_dim else nn.Identity()
         self.out_dim = embed_dim
 
@@ -341,7 +363,15 @@ def weights_mismatch(expected: dict[str, Tensor], found: Any) -> str | None:
     return problems[0] + more
 
 
-def _resnet(arch: str, *, blocks: int, in_channels: int, embed_dim: int, pretrained: bool | str):
+def _resnet(
+    arch: str,
+    *,
+    blocks: int,
+    in_channels: int,
+    embed_dim: int,
+    pretrained: bool | str,
+    grid: int = 1,
+):
     import torchvision
 
     builder = getattr(torchvision.models, arch)
@@ -384,19 +414,25 @@ def _resnet(arch: str, *, blocks: int, in_channels: int, embed_dim: int, pretrai
         resnet.conv1 = conv
     width = {("resnet18", 2): 128, ("resnet18", 4): 512, ("resnet50", 2): 512}
     out_width = width.get((arch, blocks), 2048)
-    return ResNetTrunk(resnet, blocks=blocks, out_width=out_width, embed_dim=embed_dim)
+    return ResNetTrunk(resnet, blocks=blocks, out_width=out_width, embed_dim=embed_dim, grid=grid)
 
 
 def _register_resnet(arch: str, blocks: int) -> None:
     @register_encoder(f"{arch}_{blocks}blocks", normalization=(IMAGENET_MEAN, IMAGENET_STD))
     def build(
-        *, in_channels: int, embed_dim: int, pretrained: bool | str = False, **_
+        *, in_channels: int, embed_dim: int, pretrained: bool | str = False, grid: int = 1, **_
     ) -> nn.Module:
         return _resnet(
-            arch, blocks=blocks, in_channels=in_channels, embed_dim=embed_dim, pretrained=pretrained
+            arch,
+            blocks=blocks,
+            in_channels=in_channels,
+            embed_dim=embed_dim,
+            pretrained=pretrained,
+            grid=grid,
         )
 
     build.__doc__ = f"torchvision {arch}, first {blocks} stages, average pooled."
+    _GRID_ENCODERS.add(f"{arch}_{blocks}blocks")
 
 
 for _arch in ("resnet18", "resnet50"):
@@ -404,9 +440,11 @@ for _arch in ("resnet18", "resnet50"):
         _register_resnet(_arch, _blocks)
 
 
-def _own_cnn(cls: type[SmallConvNet], name: str, in_channels: int, embed_dim: int, pretrained):
+def _own_cnn(
+    cls: type[SmallConvNet], name: str, in_channels: int, embed_dim: int, pretrained, grid: int
+):
     """One of our small CNNs, from scratch or from a local state dict (no published weights)."""
-    encoder = cls(in_channels=in_channels, embed_dim=embed_dim)
+    encoder = cls(in_channels=in_channels, embed_dim=embed_dim, grid=grid)
     if pretrained is True:
         raise InputError(
             f"model.pretrained: {name} has no published weights; give the path of a state "
@@ -420,18 +458,18 @@ def _own_cnn(cls: type[SmallConvNet], name: str, in_channels: int, embed_dim: in
 
 @register_encoder("small_cnn")
 def _small_cnn(
-    *, in_channels: int, embed_dim: int, pretrained: bool | str = False, **_
+    *, in_channels: int, embed_dim: int, pretrained: bool | str = False, grid: int = 1, **_
 ) -> nn.Module:
     """SmallConvNet, from scratch or from a local state dict (no published weights)."""
-    return _own_cnn(SmallConvNet, "small_cnn", in_channels, embed_dim, pretrained)
+    return _own_cnn(SmallConvNet, "small_cnn", in_channels, embed_dim, pretrained, grid)
 
 
 @register_encoder("strided_cnn")
 def _strided_cnn(
-    *, in_channels: int, embed_dim: int, pretrained: bool | str = False, **_
+    *, in_channels: int, embed_dim: int, pretrained: bool | str = False, grid: int = 1, **_
 ) -> nn.Module:
     """StridedConvNet, from scratch or from a local state dict (no published weights)."""
-    return _own_cnn(StridedConvNet, "strided_cnn", in_channels, embed_dim, pretrained)
+    return _own_cnn(StridedConvNet, "strided_cnn", in_channels, embed_dim, pretrained, grid)
 
 
 @register_encoder("features")

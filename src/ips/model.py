@@ -93,6 +93,7 @@ class IPSModel(nn.Module):
             embed_dim=model.embed_dim,
             pretrained=model.pretrained,
             feature_dim=model.feature_dim,
+            grid=model.encoder_grid,
         )
         self.pool = CrossAttentionPool(
             embed_dim=model.embed_dim,
