@@ -349,5 +349,9 @@ def test_a_pooling_grid_keeps_each_cell_of_the_feature_map(name):
 def test_a_pooling_grid_is_refused_where_the_encoder_pools_globally():
     with pytest.raises(ValueError, match=r"model\.encoder_grid: features pools globally"):
         create_encoder("features", embed_dim=24, feature_dim=10, grid=2)
+    with pytest.raises(ValueError, match=r"model\.encoder_grid: timm:resnet18 pools globally"):
+        create_encoder("timm:resnet18", in_channels=3, embed_dim=24, grid=3)
     with pytest.raises(ValueError, match=r"model\.encoder_grid must be >= 1, got 0"):
         create_encoder("small_cnn", in_channels=1, embed_dim=24, grid=0)
+    with pytest.raises(ValueError, match=r"model\.encoder: unknown encoder 'resnet19'"):
+        create_encoder("resnet19", grid=2)  # the name is checked before the grid

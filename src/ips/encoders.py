@@ -31,7 +31,7 @@ EncoderBuilder = Callable[..., nn.Module]
 Normalization = tuple[tuple[float, ...], tuple[float, ...]]  # per-channel (mean, std)
 _ENCODERS: dict[str, EncoderBuilder] = {}
 _NORMALIZATION: dict[str, Normalization] = {}
-_GRID_ENCODERS: set[str] = {"small_cnn", "strided_cnn"}  # take model.encoder_grid > 1
+_GRID_ENCODERS: set[str] = set()  # builders that take ``grid`` (model.encoder_grid > 1)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TIMM_PREFIX = "timm:"  # model.encoder "timm:<name>": any timm model
@@ -39,12 +39,14 @@ TIMM_HINT = "timm encoders need: pip install 'iterative-patch-selection[timm]'"
 
 
 def register_encoder(
-    name: str, *, normalization: Normalization | None = None
+    name: str, *, normalization: Normalization | None = None, grid: bool = False
 ) -> Callable[[EncoderBuilder], EncoderBuilder]:
     """Register a builder ``fn(*, in_channels, embed_dim, pretrained, feature_dim) -> module``.
 
     The module maps (n, C, P, P) patches, or (n, F) features, to (n, embed_dim).
     ``normalization``: the RGB (mean, std) on [0, 1] pixels its pretrained weights expect.
+    ``grid``: the builder also takes ``grid`` (g > 1: its last map average-pooled to g x g
+    cells); builders without it get no ``grid`` argument and refuse g > 1.
     """
 
     def wrap(fn: EncoderBuilder) -> EncoderBuilder:
@@ -53,6 +55,8 @@ def register_encoder(
         _ENCODERS[name] = fn
         if normalization is not None:
             _NORMALIZATION[name] = normalization
+        if grid:
+            _GRID_ENCODERS.add(name)
         return fn
 
     return wrap
@@ -131,32 +135,31 @@ def create_encoder(
             then projected to D); 1 is global average pooling. Our CNNs and the ResNet trunks
             take any g; other encoders only 1.
     """
-    if name.startswith(TIMM_PREFIX):
-        _rgb(name, in_channels)
-        return build_timm(
-            generic_timm_preset(name), name=name, pretrained=pretrained, out_dim=embed_dim
-        )
-    if name not in _ENCODERS:
+    if grid < 1:
+        raise InputError(f"model.encoder_grid must be >= 1, got {grid}")
+    from_timm = name.startswith(TIMM_PREFIX)
+    if not from_timm and name not in _ENCODERS:
         raise InputError(
             f"model.encoder: unknown encoder {name!r}; expected one of {list_encoders()} "
             f"or '{TIMM_PREFIX}<any timm model>'"
         )
-    if grid < 1:
-        raise InputError(f"model.encoder_grid must be >= 1, got {grid}")
-    if grid == 1:
-        return _ENCODERS[name](
-            in_channels=in_channels,
-            embed_dim=embed_dim,
-            pretrained=pretrained,
-            feature_dim=feature_dim,
-        )
-    if name not in _GRID_ENCODERS:
+    if grid > 1 and name not in _GRID_ENCODERS:
         raise InputError(
             f"model.encoder_grid: {name} pools globally (grid 1); a grid of {grid} x {grid} "
             f"needs one of {sorted(_GRID_ENCODERS)}"
         )
+    if from_timm:
+        _rgb(name, in_channels)
+        return build_timm(
+            generic_timm_preset(name), name=name, pretrained=pretrained, out_dim=embed_dim
+        )
+    extra = {"grid": grid} if grid > 1 else {}  # builders registered without it never see it
     return _ENCODERS[name](
-        in_channels=in_channels, embed_dim=embed_dim, pretrained=pretrained, grid=grid
+        in_channels=in_channels,
+        embed_dim=embed_dim,
+        pretrained=pretrained,
+        feature_dim=feature_dim,
+        **extra,
     )
 
 
@@ -418,7 +421,9 @@ def _resnet(
 
 
 def _register_resnet(arch: str, blocks: int) -> None:
-    @register_encoder(f"{arch}_{blocks}blocks", normalization=(IMAGENET_MEAN, IMAGENET_STD))
+    @register_encoder(
+        f"{arch}_{blocks}blocks", normalization=(IMAGENET_MEAN, IMAGENET_STD), grid=True
+    )
     def build(
         *, in_channels: int, embed_dim: int, pretrained: bool | str = False, grid: int = 1, **_
     ) -> nn.Module:
@@ -432,7 +437,6 @@ def _register_resnet(arch: str, blocks: int) -> None:
         )
 
     build.__doc__ = f"torchvision {arch}, first {blocks} stages, average pooled."
-    _GRID_ENCODERS.add(f"{arch}_{blocks}blocks")
 
 
 for _arch in ("resnet18", "resnet50"):
@@ -456,7 +460,7 @@ def _own_cnn(
     return encoder
 
 
-@register_encoder("small_cnn")
+@register_encoder("small_cnn", grid=True)
 def _small_cnn(
     *, in_channels: int, embed_dim: int, pretrained: bool | str = False, grid: int = 1, **_
 ) -> nn.Module:
@@ -464,7 +468,7 @@ def _small_cnn(
     return _own_cnn(SmallConvNet, "small_cnn", in_channels, embed_dim, pretrained, grid)
 
 
-@register_encoder("strided_cnn")
+@register_encoder("strided_cnn", grid=True)
 def _strided_cnn(
     *, in_channels: int, embed_dim: int, pretrained: bool | str = False, grid: int = 1, **_
 ) -> nn.Module:
